@@ -16,6 +16,6 @@ pub mod tensor;
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{EngineError, Result};
-pub use pool::{Buffer, MemoryPool};
+pub use pool::{Buffer, Hold, MemoryPool};
 pub use rng::Rng;
 pub use tensor::Tensor;

@@ -110,6 +110,16 @@ impl MemoryPool {
         self.account.live.fetch_sub(bytes, Ordering::AcqRel);
     }
 
+    /// Counts `bytes` of scratch held outside a [`Buffer`] (e.g. a per-task tile) until the
+    /// returned guard drops.
+    pub fn hold(&self, bytes: usize) -> Result<Hold> {
+        self.reserve(bytes)?;
+        Ok(Hold {
+            pool: self.clone(),
+            bytes,
+        })
+    }
+
     /// A zero-filled buffer of `len` elements, counted by this pool.
     pub fn alloc<T: bytemuck::Pod>(&self, len: usize) -> Result<Buffer<T>> {
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
@@ -129,6 +139,19 @@ impl MemoryPool {
             data,
             pool: self.clone(),
         })
+    }
+}
+
+/// Bytes counted by a pool while this guard lives (see [`MemoryPool::hold`]).
+#[derive(Debug)]
+pub struct Hold {
+    pool: MemoryPool,
+    bytes: usize,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.pool.release(self.bytes);
     }
 }
 
