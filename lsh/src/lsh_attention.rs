@@ -168,28 +168,31 @@ pub fn lsh_attention_forward(
     let mut out = Tensor::zeros(&pool, &dims.shape())?;
     let mut buckets = pool.alloc::<u32>(heads * n_rounds * len)?;
     let mut lse = pool.alloc::<f32>(heads * n_rounds * len)?;
+    // Heads run one after another (the chunks inside a head run in parallel), so only one
+    // head's working buffers exist at a time.
     let work = out
         .data_mut()
-        .par_chunks_mut(len * d)
-        .zip(buckets.par_chunks_mut(n_rounds * len))
-        .zip(lse.par_chunks_mut(n_rounds * len))
+        .chunks_mut(len * d)
+        .zip(buckets.chunks_mut(n_rounds * len))
+        .zip(lse.chunks_mut(n_rounds * len))
         .enumerate();
-    work.try_for_each(|(h, ((out_h, buckets_h), lse_h))| {
-        let range = h * len * d..(h + 1) * len * d;
-        forward_head(
-            &pool,
-            &qk.data()[range.clone()],
-            &v.data()[range],
-            rot,
-            cfg,
-            &mask,
-            h,
-            d,
-            out_h,
-            buckets_h,
-            lse_h,
-        )
-    })?;
+    work.into_iter()
+        .try_for_each(|(h, ((out_h, buckets_h), lse_h))| {
+            let range = h * len * d..(h + 1) * len * d;
+            forward_head(
+                &pool,
+                &qk.data()[range.clone()],
+                &v.data()[range],
+                rot,
+                cfg,
+                &mask,
+                h,
+                d,
+                out_h,
+                buckets_h,
+                lse_h,
+            )
+        })?;
     Ok((
         out,
         LshSaved {
@@ -347,12 +350,13 @@ pub fn lsh_attention_backward(
     let n_rounds = rot.n_rounds;
     let mut d_qk = Tensor::zeros(&pool, &dims.shape())?;
     let mut d_v = Tensor::zeros(&pool, &dims.shape())?;
+    // One head at a time, as in the forward pass.
     let work = d_qk
         .data_mut()
-        .par_chunks_mut(len * d)
-        .zip(d_v.data_mut().par_chunks_mut(len * d))
+        .chunks_mut(len * d)
+        .zip(d_v.data_mut().chunks_mut(len * d))
         .enumerate();
-    work.try_for_each(|(h, (dqk_h, dv_h))| {
+    work.into_iter().try_for_each(|(h, (dqk_h, dv_h))| {
         let range = h * len * d..(h + 1) * len * d;
         let per_round = h * n_rounds * len..(h + 1) * n_rounds * len;
         backward_head(
