@@ -13,14 +13,14 @@ const ROUNDS: usize = 2;
 /// The bound, in f32 words per position:
 /// - the caller's tensors, per head: qk, v, out, d_out, d_qk, d_v   6·d
 /// - saved state, per head: bucket and logsumexp per round           2·rounds
-/// - the one head being worked on (heads run in turn): unit keys, d_k, 4 sorted copies
-///   (q, k, v, d_out), 5 sorted gradient buffers (d_q, d_k own/look-back, d_v own/look-back)
-///                                                                    11·d
-/// - that head's per-position scalars (logsumexps, deltas, permutations)   10
-/// plus the per-chunk tiles, O(chunk²) per worker thread (64 threads allowed for).
+/// - the one head being worked on (heads run in turn): 5 sorted gradient buffers (d_q, and
+///   own/look-back d_k and d_v); the forward needs only one sorted output buffer     5·d
+/// - that head's per-position scalars (logsumexps, deltas, permutations, masks)      10
+/// plus the per-chunk tiles (gathered rows and scores), O(chunk·(d + chunk)) per worker
+/// thread (64 threads allowed for).
 fn bound(len: usize) -> usize {
-    let words = HEADS * len * (6 * D + 2 * ROUNDS) + len * (11 * D + 10);
-    let tiles = 64 * 4 * 4 * CHUNK * CHUNK;
+    let words = HEADS * len * (6 * D + 2 * ROUNDS) + len * (5 * D + 10);
+    let tiles = 64 * 4 * (8 * CHUNK * D + 4 * CHUNK * CHUNK);
     4 * words + tiles
 }
 

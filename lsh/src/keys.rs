@@ -15,6 +15,16 @@ pub fn normalize_rows(qk: &[f32], k: &mut [f32], d: usize) {
     }
 }
 
+/// Replaces the rows of `x` (`rows × d`) by their unit keys.
+pub fn normalize_rows_in_place(x: &mut [f32], d: usize) {
+    for row in x.chunks_exact_mut(d) {
+        let inv = 1.0 / (dot(row, row) + KEY_NORM_EPS).sqrt();
+        for a in row {
+            *a *= inv;
+        }
+    }
+}
+
 /// Adds to `dqk` the gradient that flows through the normalisation from `dk`, for the rows
 /// of `qk`: `dqk += (dk − k (k·dk)) / n` with `n = sqrt(|qk|² + eps)`, `k = qk / n`.
 pub fn normalize_rows_backward(qk: &[f32], dk: &[f32], dqk: &mut [f32], d: usize) {

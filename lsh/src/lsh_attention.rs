@@ -14,7 +14,7 @@ use crate::block::{
 };
 use crate::error::{shape_err, AttentionError, Result};
 use crate::hash::Rotations;
-use crate::keys::{normalize_rows, normalize_rows_backward};
+use crate::keys::{normalize_rows_backward, normalize_rows_in_place};
 use crate::layout::{check_chunk, gather_rows, Dims, KeyMask};
 use crate::sort::counting_sort;
 
@@ -87,6 +87,10 @@ impl Chunks {
     /// Chunk looked back at by chunk `c`, if any.
     fn prev(&self, c: usize) -> Option<usize> {
         (self.count > 1).then(|| (c + self.count - 1) % self.count)
+    }
+    /// The key chunks chunk `c` attends to: the look-back chunk (if any), then itself.
+    fn keys_of(&self, c: usize) -> impl Iterator<Item = usize> {
+        self.prev(c).into_iter().chain(std::iter::once(c))
     }
 }
 
@@ -204,6 +208,53 @@ pub fn lsh_attention_forward(
     ))
 }
 
+/// The rows one chunk task works on, gathered from original order: the query chunk and the
+/// key/value chunks it attends to (look-back first, then its own), with unit keys.
+struct ChunkTiles {
+    q: Vec<f32>,
+    k: [Vec<f32>; 2],
+    v: [Vec<f32>; 2],
+}
+
+impl ChunkTiles {
+    fn bytes(m: usize, d: usize) -> usize {
+        4 * 5 * m * d
+    }
+
+    fn gather(qk_h: &[f32], v_h: &[f32], perm: &[u32], chunks: Chunks, c: usize, d: usize) -> Self {
+        let (m, len) = (chunks.m, qk_h.len() / d);
+        let rows = |c: usize| &perm[c * m..(c + 1) * m];
+        let mut t = ChunkTiles {
+            q: vec![0.0; m * d],
+            k: [vec![0.0; m * d], vec![0.0; m * d]],
+            v: [vec![0.0; m * d], vec![0.0; m * d]],
+        };
+        gather_rows(qk_h, rows(c), len, d, &mut t.q);
+        for (i, kc) in chunks.keys_of(c).enumerate() {
+            gather_rows(qk_h, rows(kc), len, d, &mut t.k[i]);
+            normalize_rows_in_place(&mut t.k[i], d);
+            gather_rows(v_h, rows(kc), len, d, &mut t.v[i]);
+        }
+        t
+    }
+
+    fn key_block<'a>(
+        &'a self,
+        i: usize,
+        kc: usize,
+        chunks: Chunks,
+        sorted: &'a SortedRound,
+    ) -> KeyBlock<'a> {
+        let m = chunks.m;
+        KeyBlock {
+            k: &self.k[i],
+            v: &self.v[i],
+            pos: &sorted.perm[kc * m..(kc + 1) * m],
+            valid: &sorted.valid[kc * m..(kc + 1) * m],
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn forward_head(
     pool: &MemoryPool,
@@ -225,53 +276,33 @@ fn forward_head(
     let rule = rule(cfg);
     let n_buckets = rot.buckets.total();
 
-    let mut k_h = pool.alloc::<f32>(len * d)?;
-    normalize_rows(qk_h, &mut k_h, d);
     // Running logsumexp over rounds, per position, in f64: a query that sees only itself has
     // z = −1e5, where f32 cannot resolve the ln(rounds) that combining adds.
     let mut z_acc = pool.alloc::<f64>(len)?;
     z_acc.fill(f64::NEG_INFINITY);
-    let mut qs = pool.alloc::<f32>(padded * d)?;
-    let mut ks = pool.alloc::<f32>(padded * d)?;
-    let mut vs = pool.alloc::<f32>(padded * d)?;
+    // This round's outputs and logsumexps, in sorted order.
     let mut os = pool.alloc::<f32>(padded * d)?;
     let mut zs = pool.alloc::<f32>(padded)?;
+    let tile_bytes = OnlineSoftmax::new(m, d, m).bytes() + ChunkTiles::bytes(m, d);
 
     for r in 0..rot.n_rounds {
         let b_r = &mut buckets_h[r * len..(r + 1) * len];
         hash_round(qk_h, rot, r, b_r, d);
         let sorted = sort_round(pool, b_r, n_buckets, chunks, mask, h)?;
-        gather_rows(qk_h, &sorted.perm, len, d, &mut qs);
-        gather_rows(&k_h, &sorted.perm, len, d, &mut ks);
-        gather_rows(v_h, &sorted.perm, len, d, &mut vs);
-        let (qs, ks, vs, perm, valid) = (
-            &qs[..],
-            &ks[..],
-            &vs[..],
-            &sorted.perm[..],
-            &sorted.valid[..],
-        );
-        let key_block = |c: usize| KeyBlock {
-            k: &ks[c * m * d..(c + 1) * m * d],
-            v: &vs[c * m * d..(c + 1) * m * d],
-            pos: &perm[c * m..(c + 1) * m],
-            valid: &valid[c * m..(c + 1) * m],
-        };
-        let tile_bytes = OnlineSoftmax::new(m, d, m).bytes();
         os.par_chunks_mut(m * d)
             .zip(zs.par_chunks_mut(m))
             .enumerate()
             .try_for_each(|(c, (o_c, z_c))| -> Result<()> {
                 let _hold = pool.hold(tile_bytes)?;
+                let tiles = ChunkTiles::gather(qk_h, v_h, &sorted.perm, chunks, c, d);
                 let qb = QueryBlock {
-                    q: &qs[c * m * d..(c + 1) * m * d],
-                    pos: &perm[c * m..(c + 1) * m],
+                    q: &tiles.q,
+                    pos: &sorted.perm[c * m..(c + 1) * m],
                 };
                 let mut state = OnlineSoftmax::new(m, d, m);
-                if let Some(p) = chunks.prev(c) {
-                    state.update(&qb, &key_block(p), rule);
+                for (i, kc) in chunks.keys_of(c).enumerate() {
+                    state.update(&qb, &tiles.key_block(i, kc, chunks, &sorted), rule);
                 }
-                state.update(&qb, &key_block(c), rule);
                 state.finish(o_c, z_c);
                 Ok(())
             })?;
@@ -410,33 +441,30 @@ fn backward_head(
     let rule = rule(cfg);
     let n_buckets = rot.buckets.total();
 
-    let mut k_h = pool.alloc::<f32>(len * d)?;
-    normalize_rows(x.qk, &mut k_h, d);
     // Per position: the logsumexp over all rounds (f64), and delta = d_out · out. Round r's
     // probabilities are exp(s − z_r)·w_r with w_r = exp(z_r − Z): the weight is folded into
     // d_out and delta, so scores are compared with z_r, never with Z − f32 rounding.
     let mut z_all = pool.alloc::<f64>(len)?;
     let mut delta = pool.alloc::<f32>(len)?;
-    for p in 0..len {
-        z_all[p] = (0..n_rounds)
-            .map(|r| x.lse[r * len + p] as f64)
-            .fold(f64::NEG_INFINITY, log_add_exp);
-        delta[p] = dot(&x.d_out[p * d..(p + 1) * d], &x.out[p * d..(p + 1) * d]);
-    }
-    let mut dk_h = pool.alloc::<f32>(len * d)?;
-    let mut qs = pool.alloc::<f32>(padded * d)?;
-    let mut ks = pool.alloc::<f32>(padded * d)?;
-    let mut vs = pool.alloc::<f32>(padded * d)?;
-    let mut dos = pool.alloc::<f32>(padded * d)?;
-    let mut zs = pool.alloc::<f32>(padded)?;
-    let mut deltas = pool.alloc::<f32>(padded)?;
+    z_all
+        .par_iter_mut()
+        .zip(delta.par_iter_mut())
+        .enumerate()
+        .for_each(|(p, (z, delta))| {
+            *z = (0..n_rounds)
+                .map(|r| x.lse[r * len + p] as f64)
+                .fold(f64::NEG_INFINITY, log_add_exp);
+            *delta = dot(&x.d_out[p * d..(p + 1) * d], &x.out[p * d..(p + 1) * d]);
+        });
     // Gradients in sorted order: own-chunk and look-back contributions kept apart so every
-    // chunk task writes only its own rows (deterministic, no atomics).
+    // chunk task writes only its own rows (deterministic, no atomics). Key gradients are with
+    // respect to the unit keys until the scatter sends them through the normalisation.
     let mut dq_s = pool.alloc::<f32>(padded * d)?;
     let mut dk_own = pool.alloc::<f32>(padded * d)?;
     let mut dk_back = pool.alloc::<f32>(padded * d)?;
     let mut dv_own = pool.alloc::<f32>(padded * d)?;
     let mut dv_back = pool.alloc::<f32>(padded * d)?;
+    let tile_bytes = ChunkTiles::bytes(m, d) + 4 * (m * d + 2 * m + 2 * m * m);
 
     for r in 0..n_rounds {
         let sorted = sort_round(
@@ -448,45 +476,7 @@ fn backward_head(
             h,
         )?;
         let perm = &sorted.perm[..];
-        gather_rows(x.qk, perm, len, d, &mut qs);
-        gather_rows(&k_h, perm, len, d, &mut ks);
-        gather_rows(x.v, perm, len, d, &mut vs);
-        for (slot, &p) in perm.iter().enumerate() {
-            let p = p as usize;
-            let rows = slot * d..(slot + 1) * d;
-            let z_r = if p < len {
-                x.lse[r * len + p]
-            } else {
-                f32::NEG_INFINITY
-            };
-            if z_r == f32::NEG_INFINITY {
-                (zs[slot], deltas[slot]) = (f32::NEG_INFINITY, 0.0);
-                dos[rows].fill(0.0);
-                continue;
-            }
-            let w = (z_r as f64 - z_all[p]).exp() as f32;
-            (zs[slot], deltas[slot]) = (z_r, w * delta[p]);
-            for (g, &o) in dos[rows].iter_mut().zip(&x.d_out[p * d..(p + 1) * d]) {
-                *g = w * o;
-            }
-        }
-        let (qs, ks, vs, dos, zs, deltas, valid) = (
-            &qs[..],
-            &ks[..],
-            &vs[..],
-            &dos[..],
-            &zs[..],
-            &deltas[..],
-            &sorted.valid[..],
-        );
-        let key_block = |c: usize| KeyBlock {
-            k: &ks[c * m * d..(c + 1) * m * d],
-            v: &vs[c * m * d..(c + 1) * m * d],
-            pos: &perm[c * m..(c + 1) * m],
-            valid: &valid[c * m..(c + 1) * m],
-        };
         let rows = m * d;
-        let tile_bytes = 2 * 4 * m * m;
         dq_s.par_chunks_mut(rows)
             .zip(dk_own.par_chunks_mut(rows))
             .zip(dk_back.par_chunks_mut(rows))
@@ -498,42 +488,58 @@ fn backward_head(
                 for buf in [&mut *dq, &mut *dk_o, &mut *dk_b, &mut *dv_o, &mut *dv_b] {
                     buf.fill(0.0);
                 }
+                let tiles = ChunkTiles::gather(x.qk, x.v, perm, chunks, c, d);
+                // This chunk's d_out rows, z_r and delta, weighted by w_r.
+                let (mut g_out, mut zs, mut deltas) =
+                    (vec![0.0; rows], vec![f32::NEG_INFINITY; m], vec![0.0; m]);
+                for (i, &p) in perm[c * m..(c + 1) * m].iter().enumerate() {
+                    let p = p as usize;
+                    let z_r = if p < len {
+                        x.lse[r * len + p]
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    if z_r == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let w = (z_r as f64 - z_all[p]).exp() as f32;
+                    (zs[i], deltas[i]) = (z_r, w * delta[p]);
+                    for (g, &o) in g_out[i * d..(i + 1) * d]
+                        .iter_mut()
+                        .zip(&x.d_out[p * d..(p + 1) * d])
+                    {
+                        *g = w * o;
+                    }
+                }
                 let qb = QueryBlock {
-                    q: &qs[c * rows..(c + 1) * rows],
+                    q: &tiles.q,
                     pos: &perm[c * m..(c + 1) * m],
                 };
                 let g = QueryGrad {
-                    d_out: &dos[c * rows..(c + 1) * rows],
-                    lse: &zs[c * m..(c + 1) * m],
-                    delta: &deltas[c * m..(c + 1) * m],
+                    d_out: &g_out,
+                    lse: &zs,
+                    delta: &deltas,
                 };
                 let mut scratch = BackwardScratch::default();
-                if let Some(p) = chunks.prev(c) {
-                    let kb = key_block(p);
+                for (i, kc) in chunks.keys_of(c).enumerate() {
+                    let kb = tiles.key_block(i, kc, chunks, &sorted);
+                    let (dk, dv) = if kc == c {
+                        (&mut *dk_o, &mut *dv_o)
+                    } else {
+                        (&mut *dk_b, &mut *dv_b)
+                    };
                     block_backward(
                         &qb,
                         &kb,
                         &g,
                         d,
                         rule,
-                        Some(dq),
-                        Some(dk_b),
-                        Some(dv_b),
+                        Some(&mut *dq),
+                        Some(dk),
+                        Some(dv),
                         &mut scratch,
                     );
                 }
-                let kb = key_block(c);
-                block_backward(
-                    &qb,
-                    &kb,
-                    &g,
-                    d,
-                    rule,
-                    Some(dq),
-                    Some(dk_o),
-                    Some(dv_o),
-                    &mut scratch,
-                );
                 Ok(())
             })?;
         // Scatter back to original order. The look-back gradient of key chunk c was written
@@ -548,24 +554,26 @@ fn backward_head(
         );
         dqk_h
             .par_chunks_mut(d)
-            .zip(dk_h.par_chunks_mut(d))
             .zip(dv_h.par_chunks_mut(d))
             .enumerate()
-            .for_each(|(p, ((dq, dk), dv))| {
-                let s = inv[p] as usize;
-                let own = s * d..(s + 1) * d;
-                add_row(dq, &dq_s[own.clone()]);
-                add_row(dk, &dk_own[own.clone()]);
-                add_row(dv, &dv_own[own]);
-                if chunks.count > 1 {
-                    let (c, off) = (s / m, s % m);
-                    let b = ((c + 1) % chunks.count) * m + off;
-                    add_row(dk, &dk_back[b * d..(b + 1) * d]);
-                    add_row(dv, &dv_back[b * d..(b + 1) * d]);
-                }
-            });
+            .for_each_init(
+                || vec![0.0f32; d],
+                |dk, (p, (dqk, dv))| {
+                    let s = inv[p] as usize;
+                    let own = s * d..(s + 1) * d;
+                    add_row(dqk, &dq_s[own.clone()]);
+                    add_row(dv, &dv_own[own.clone()]);
+                    dk.copy_from_slice(&dk_own[own]);
+                    if chunks.count > 1 {
+                        let (c, off) = (s / m, s % m);
+                        let b = ((c + 1) % chunks.count) * m + off;
+                        add_row(dk, &dk_back[b * d..(b + 1) * d]);
+                        add_row(dv, &dv_back[b * d..(b + 1) * d]);
+                    }
+                    // Keys are the normalised qk: send their gradient through the normalisation.
+                    normalize_rows_backward(&x.qk[p * d..(p + 1) * d], dk, dqk, d);
+                },
+            );
     }
-    // Keys are the normalised qk: send their gradient through the normalisation.
-    normalize_rows_backward(x.qk, &dk_h, dqk_h, d);
     Ok(())
 }
