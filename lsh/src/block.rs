@@ -5,6 +5,7 @@
 //! blockwise exact attention every earlier block.
 
 use reformer_engine::matmul::{gemm, Par};
+use reformer_engine::ops::exp_shifted_sum;
 
 /// Score given to a key at the query's own position (shared-QK attention): finite, so a token
 /// attends to itself only when nothing else is allowed.
@@ -121,12 +122,7 @@ impl OnlineSoftmax {
                     *a *= correction;
                 }
             }
-            let mut row_sum = 0.0;
-            for x in row.iter_mut() {
-                *x = (*x - new_max).exp();
-                row_sum += *x;
-            }
-            self.sum[i] += row_sum;
+            self.sum[i] += exp_shifted_sum(row, new_max);
             self.max[i] = new_max;
         }
         gemm(
@@ -216,9 +212,7 @@ pub fn block_backward(
         if z == f32::NEG_INFINITY {
             row.fill(0.0);
         } else {
-            for x in row.iter_mut() {
-                *x = (*x - z).exp();
-            }
+            exp_shifted_sum(row, z);
         }
     }
     if let Some(dv) = dv {
