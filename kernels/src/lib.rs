@@ -1,7 +1,23 @@
-//! CUDA kernels (compiled with NVRTC at first use) and the probe that says whether a GPU is
-//! usable. Nothing here panics when CUDA is missing: the probe answers with an error that
-//! says what is missing.
+//! CUDA kernels (hand-written CUDA C, compiled with NVRTC at first use) and the probe that says
+//! whether a GPU is usable. Nothing here panics when CUDA is missing: every entry point answers
+//! with an error that says what is missing.
+//!
+//! - [`probe`]: is there a usable GPU (driver, NVRTC, device, context)?
+//! - [`compile`] / [`compile_all`]: NVRTC compilation of the kernel families to PTX, cached per
+//!   (family, architecture).
+//! - [`sources`]: the `.cu` files and the kernel names launch wrappers look up.
+//! - [`geometry`]: the launch geometry the kernels are written for.
 
+pub mod compile;
+pub mod error;
+pub mod geometry;
+pub mod include_dir;
+pub mod libs;
 pub mod probe;
+pub mod sources;
 
-pub use probe::{probe, GpuInfo, KernelsError};
+pub use compile::{compile, compile_all, compile_source, CompiledFamily};
+pub use error::KernelsError;
+pub use libs::nvrtc_version;
+pub use probe::{probe, GpuInfo};
+pub use sources::{names, KernelFamily};

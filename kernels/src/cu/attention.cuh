@@ -1,0 +1,571 @@
+// The attention tile engine shared by lsh_attention.cu, local_attention.cu and
+// exact_attention.cu (prepended as text after common.cuh). It is the flash-attention scheme:
+// a block of query rows walks tiles of ATTN_TILE keys with an online softmax (forward), or
+// recomputes probabilities from the stored logsumexp (backward); no score matrix is stored.
+//
+// Rows are addressed by *slot*; a slot maps to an original *position* through `perm` (LSH: the
+// bucket-sorted order of one (head, round)) or is the position itself (perm == null). A slot
+// >= n is padding (the last chunk of a length that is not a multiple of the chunk). Masks are
+// decided by positions:
+//   * key excluded: padding slot, or key_valid[pos] == 0 (padding token);
+//   * causal: key position > query position excluded;
+//   * self_penalty: key position == query position scores SELF_SCORE (finite: a token attends
+//     to itself only when nothing else is allowed); its gradient to q and k is zero (the score
+//     is a constant), its probability still weighs v.
+// Scores: s = scale * (q . k), with k = key / sqrt(|key|^2 + KEY_NORM_EPS) when unit_keys
+// (shared-QK attention: q is the raw qk row, k its unit vector; scale 1).
+//
+// Thread layout: block (32, ATTN_WARPS). In the forward and dq passes each warp owns
+// ATTN_QPW_FWD / ATTN_QPW_BWD query rows, and within a key tile lane j scores key j (one full
+// dot product per lane, conflict-free thanks to the padded row stride); probabilities are then
+// broadcast with shuffles and lane l accumulates output dims l, l + 32, ... (ATTN_DPL of them).
+// The dk/dv pass is the transpose: each warp owns ATTN_QPW_BWD key rows and lane i scores
+// query i of a query tile.
+//
+// Head dimension d <= ATTN_MAX_D (the host checks; a larger d makes the kernels return at once).
+// Shared memory is static and below 48 KiB for every pass.
+
+#define ATTN_MAX_D 128
+#define ATTN_DPL (ATTN_MAX_D / 32)
+#define ATTN_WARPS 4
+#define ATTN_TILE 32
+#define ATTN_QPW_FWD 4
+#define ATTN_QPW_BWD 2
+#define ATTN_ROWS_FWD (ATTN_WARPS * ATTN_QPW_FWD)
+#define ATTN_ROWS_BWD (ATTN_WARPS * ATTN_QPW_BWD)
+#define SELF_SCORE (-1e5f)
+#define KEY_NORM_EPS 1e-12f
+
+struct AttnProblem {
+    const float* q;                // [n, d] query rows by position (this head)
+    const float* k;                // [n, d] key rows by position (raw; normalised on load)
+    const float* v;                // [n, d]
+    const unsigned* perm;          // [n] slot -> position, or null (identity)
+    const unsigned char* key_valid;  // [n] 1 = may be attended to, or null (all)
+    int n;
+    int d;
+    float scale;
+    bool causal;
+    bool self_penalty;
+    bool unit_keys;
+};
+
+// Up to two half-open slot ranges (own chunk and look-back / look-ahead chunk).
+struct SlotRanges {
+    int count;
+    long long begin[2];
+    long long end[2];
+};
+
+__device__ __forceinline__ SlotRanges one_range(long long b, long long e) {
+    SlotRanges r;
+    r.count = 1;
+    r.begin[0] = b;
+    r.end[0] = e;
+    r.begin[1] = 0;
+    r.end[1] = 0;
+    return r;
+}
+
+__device__ __forceinline__ SlotRanges two_ranges(long long b0, long long e0, long long b1,
+                                                 long long e1) {
+    SlotRanges r;
+    r.count = 2;
+    r.begin[0] = b0;
+    r.end[0] = e0;
+    r.begin[1] = b1;
+    r.end[1] = e1;
+    return r;
+}
+
+// Which rows a block of a chunked launch owns: grid (n_chunks * groups, n_heads), each chunk
+// split into groups of `rows_per_block` slots.
+struct ChunkBlock {
+    int head;
+    long long chunk;
+    long long n_chunks;
+    long long row_begin;  // first slot of this block
+    int row_count;        // slots of this block (<= rows per block)
+};
+
+__device__ __forceinline__ ChunkBlock chunk_block(int n, int chunk, int rows_per_block) {
+    ChunkBlock b;
+    const long long groups = (chunk + rows_per_block - 1) / rows_per_block;
+    b.head = blockIdx.y;
+    b.chunk = blockIdx.x / groups;
+    b.n_chunks = ((long long)n + chunk - 1) / chunk;
+    const long long g = blockIdx.x - b.chunk * groups;
+    b.row_begin = b.chunk * chunk + g * rows_per_block;
+    b.row_count = (int)min((long long)rows_per_block, (long long)chunk - g * rows_per_block);
+    return b;
+}
+
+// Position of a slot, or -1 for padding (slot >= n, or a corrupt perm entry).
+__device__ __forceinline__ int slot_position(const AttnProblem& P, long long slot) {
+    if (slot < 0 || slot >= P.n) {
+        return -1;
+    }
+    const unsigned pos = P.perm != nullptr ? P.perm[slot] : (unsigned)slot;
+    return pos < (unsigned)P.n ? (int)pos : -1;
+}
+
+// Position of a slot as a key: -1 also when the key is masked out.
+__device__ __forceinline__ int key_position(const AttnProblem& P, long long slot) {
+    const int pos = slot_position(P, slot);
+    if (pos >= 0 && P.key_valid != nullptr && P.key_valid[pos] == 0) {
+        return -1;
+    }
+    return pos;
+}
+
+// Loads row `pos` of `src` into `dst` (d floats) by one warp; zeros when pos < 0. With
+// `unit`, scales the row to unit length and returns 1 / norm (1 otherwise).
+__device__ __forceinline__ float warp_load_row(const float* src, int pos, int d, float* dst,
+                                               bool unit) {
+    const int lane = threadIdx.x;
+    float vals[ATTN_DPL];
+    float ss = 0.0f;
+#pragma unroll
+    for (int dd = 0; dd < ATTN_DPL; ++dd) {
+        const int c = lane + 32 * dd;
+        vals[dd] = (pos >= 0 && c < d) ? src[(long long)pos * d + c] : 0.0f;
+        ss += vals[dd] * vals[dd];
+    }
+    float inv = 1.0f;
+    if (unit) {
+        inv = 1.0f / sqrtf(warp_sum(ss) + KEY_NORM_EPS);
+    }
+#pragma unroll
+    for (int dd = 0; dd < ATTN_DPL; ++dd) {
+        const int c = lane + 32 * dd;
+        if (c < d) {
+            dst[c] = vals[dd] * inv;
+        }
+    }
+    return inv;
+}
+
+// Whether the (query at qp, key at kp) pair counts at all (kp < 0: padding or masked key).
+__device__ __forceinline__ bool pair_allowed(const AttnProblem& P, int qp, int kp) {
+    return qp >= 0 && kp >= 0 && !(P.causal && kp > qp);
+}
+
+// Whether the pair's score is the constant SELF_SCORE.
+__device__ __forceinline__ bool pair_is_self(const AttnProblem& P, int qp, int kp) {
+    return P.self_penalty && kp == qp;
+}
+
+__device__ __forceinline__ float dot_rows(const float* a, const float* b, int d) {
+    float s = 0.0f;
+    for (int t = 0; t < d; ++t) {
+        s += a[t] * b[t];
+    }
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: queries at slots [q_begin, q_begin + q_count) (q_count <= ATTN_ROWS_FWD) against the
+// key slots of `keys`. Writes, at each query's position, the normalised output row and the
+// logsumexp of its scores (-inf and a zero row when no key is allowed). With `fold`, (out, lse)
+// already hold a running result (earlier LSH rounds) and this block's result is folded in:
+//   lse' = logaddexp(lse, z),  out' = out * exp(lse - lse') + o * exp(z - lse').
+// Each position is owned by exactly one block per launch, so no two blocks touch a row.
+// ---------------------------------------------------------------------------------------------
+__device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q_count,
+                                  const SlotRanges& keys, float* out, float* lse, bool fold) {
+    if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
+        return;  // a launch this code was not written for (uniform over the block)
+    }
+    __shared__ float sq[ATTN_ROWS_FWD][ATTN_MAX_D];
+    __shared__ float sk[ATTN_TILE][ATTN_MAX_D + 1];
+    __shared__ float sv[ATTN_TILE][ATTN_MAX_D];
+    __shared__ int sqpos[ATTN_ROWS_FWD];
+    __shared__ int skpos[ATTN_TILE];
+
+    const int lane = threadIdx.x;
+    const int warp = threadIdx.y;
+    const int d = P.d;
+
+    for (int r = warp; r < ATTN_ROWS_FWD; r += ATTN_WARPS) {
+        const int pos = r < q_count ? slot_position(P, q_begin + r) : -1;
+        warp_load_row(P.q, pos, d, sq[r], false);
+        if (lane == 0) {
+            sqpos[r] = pos;
+        }
+    }
+    __syncthreads();  // rows are loaded by one warp and used by another
+
+    float m[ATTN_QPW_FWD];
+    float l[ATTN_QPW_FWD];
+    float acc[ATTN_QPW_FWD][ATTN_DPL];
+#pragma unroll
+    for (int qi = 0; qi < ATTN_QPW_FWD; ++qi) {
+        m[qi] = -INFINITY;
+        l[qi] = 0.0f;
+#pragma unroll
+        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+            acc[qi][dd] = 0.0f;
+        }
+    }
+
+    for (int ri = 0; ri < keys.count; ++ri) {
+        for (long long t0 = keys.begin[ri]; t0 < keys.end[ri]; t0 += ATTN_TILE) {
+            const long long t_count = min((long long)ATTN_TILE, keys.end[ri] - t0);
+            __syncthreads();  // the previous tile is consumed
+            for (int j = warp; j < ATTN_TILE; j += ATTN_WARPS) {
+                const int kp = j < t_count ? key_position(P, t0 + j) : -1;
+                warp_load_row(P.k, kp, d, sk[j], P.unit_keys);
+                warp_load_row(P.v, kp, d, sv[j], false);
+                if (lane == 0) {
+                    skpos[j] = kp;
+                }
+            }
+            __syncthreads();
+
+            const int kp = skpos[lane];
+#pragma unroll
+            for (int qi = 0; qi < ATTN_QPW_FWD; ++qi) {
+                const int r = warp * ATTN_QPW_FWD + qi;
+                const int qp = sqpos[r];
+                if (qp < 0) {
+                    continue;  // uniform over the warp
+                }
+                float s = -INFINITY;
+                if (pair_allowed(P, qp, kp)) {
+                    s = pair_is_self(P, qp, kp) ? SELF_SCORE : P.scale * dot_rows(sq[r], sk[lane], d);
+                }
+                const float new_m = fmaxf(m[qi], warp_max(s));
+                if (new_m == -INFINITY) {
+                    continue;  // nothing allowed yet (uniform)
+                }
+                const float corr = expf(m[qi] - new_m);  // 0 when m was -inf
+                const float p = s == -INFINITY ? 0.0f : expf(s - new_m);
+                l[qi] = l[qi] * corr + warp_sum(p);
+#pragma unroll
+                for (int dd = 0; dd < ATTN_DPL; ++dd) {
+                    acc[qi][dd] *= corr;
+                }
+#pragma unroll 4
+                for (int jj = 0; jj < ATTN_TILE; ++jj) {
+                    const float pj = __shfl_sync(FULL_MASK, p, jj);
+                    if (pj != 0.0f) {
+#pragma unroll
+                        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+                            const int c = lane + 32 * dd;
+                            if (c < d) {
+                                acc[qi][dd] += pj * sv[jj][c];
+                            }
+                        }
+                    }
+                }
+                m[qi] = new_m;
+            }
+        }
+    }
+
+#pragma unroll
+    for (int qi = 0; qi < ATTN_QPW_FWD; ++qi) {
+        const int r = warp * ATTN_QPW_FWD + qi;
+        const int qp = sqpos[r];
+        if (qp < 0) {
+            continue;
+        }
+        const bool any = l[qi] > 0.0f;
+        const float z = any ? m[qi] + logf(l[qi]) : -INFINITY;
+        const float inv = any ? 1.0f / l[qi] : 0.0f;
+        float* orow = out + (long long)qp * d;
+        if (!fold) {
+#pragma unroll
+            for (int dd = 0; dd < ATTN_DPL; ++dd) {
+                const int c = lane + 32 * dd;
+                if (c < d) {
+                    orow[c] = acc[qi][dd] * inv;
+                }
+            }
+            if (lane == 0) {
+                lse[qp] = z;
+            }
+        } else {
+            const float z_old = lse[qp];
+            __syncwarp();  // every lane has read lse before lane 0 overwrites it
+            const float z_new = log_add_exp(z_old, z);
+            const float w_old = z_new == -INFINITY ? 0.0f : expf(z_old - z_new);
+            const float w_new = z_new == -INFINITY ? 0.0f : expf(z - z_new);
+#pragma unroll
+            for (int dd = 0; dd < ATTN_DPL; ++dd) {
+                const int c = lane + 32 * dd;
+                if (c < d) {
+                    const float prev = w_old != 0.0f ? orow[c] * w_old : 0.0f;
+                    orow[c] = prev + acc[qi][dd] * inv * w_new;
+                }
+            }
+            if (lane == 0) {
+                lse[qp] = z_new;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, dq pass: queries at slots [q_begin, q_begin + q_count) (<= ATTN_ROWS_BWD) against
+// the key slots of `keys`. With p = exp(s - lse) (lse: the logsumexp over *every* key the
+// query saw, all rounds), delta = dO . O:
+//   dq += sum_j p (dO . v_j - delta) * scale * k_j      (k_j unit when unit_keys)
+// Added into dq at the query's position (each position owned by one block per launch).
+// ---------------------------------------------------------------------------------------------
+__device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, int q_count,
+                                      const SlotRanges& keys, const float* dout,
+                                      const float* lse, const float* delta, float* dq) {
+    if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
+        return;  // a launch this code was not written for (uniform over the block)
+    }
+    __shared__ float sq[ATTN_ROWS_BWD][ATTN_MAX_D];
+    __shared__ float sdo[ATTN_ROWS_BWD][ATTN_MAX_D];
+    __shared__ float sk[ATTN_TILE][ATTN_MAX_D + 1];
+    __shared__ float sv[ATTN_TILE][ATTN_MAX_D + 1];
+    __shared__ int sqpos[ATTN_ROWS_BWD];
+    __shared__ int skpos[ATTN_TILE];
+
+    const int lane = threadIdx.x;
+    const int warp = threadIdx.y;
+    const int d = P.d;
+
+    for (int r = warp; r < ATTN_ROWS_BWD; r += ATTN_WARPS) {
+        const int pos = r < q_count ? slot_position(P, q_begin + r) : -1;
+        warp_load_row(P.q, pos, d, sq[r], false);
+        warp_load_row(dout, pos, d, sdo[r], false);
+        if (lane == 0) {
+            sqpos[r] = pos;
+        }
+    }
+    __syncthreads();
+
+    float z[ATTN_QPW_BWD];
+    float dl[ATTN_QPW_BWD];
+    float acc[ATTN_QPW_BWD][ATTN_DPL];
+#pragma unroll
+    for (int qi = 0; qi < ATTN_QPW_BWD; ++qi) {
+        const int qp = sqpos[warp * ATTN_QPW_BWD + qi];
+        z[qi] = qp >= 0 ? lse[qp] : -INFINITY;
+        dl[qi] = qp >= 0 ? delta[qp] : 0.0f;
+#pragma unroll
+        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+            acc[qi][dd] = 0.0f;
+        }
+    }
+
+    for (int ri = 0; ri < keys.count; ++ri) {
+        for (long long t0 = keys.begin[ri]; t0 < keys.end[ri]; t0 += ATTN_TILE) {
+            const long long t_count = min((long long)ATTN_TILE, keys.end[ri] - t0);
+            __syncthreads();
+            for (int j = warp; j < ATTN_TILE; j += ATTN_WARPS) {
+                const int kp = j < t_count ? key_position(P, t0 + j) : -1;
+                warp_load_row(P.k, kp, d, sk[j], P.unit_keys);
+                warp_load_row(P.v, kp, d, sv[j], false);
+                if (lane == 0) {
+                    skpos[j] = kp;
+                }
+            }
+            __syncthreads();
+
+            const int kp = skpos[lane];
+#pragma unroll
+            for (int qi = 0; qi < ATTN_QPW_BWD; ++qi) {
+                const int r = warp * ATTN_QPW_BWD + qi;
+                const int qp = sqpos[r];
+                if (qp < 0 || z[qi] == -INFINITY) {
+                    continue;  // uniform over the warp
+                }
+                float ds = 0.0f;
+                if (pair_allowed(P, qp, kp) && !pair_is_self(P, qp, kp)) {
+                    const float s = P.scale * dot_rows(sq[r], sk[lane], d);
+                    const float p = expf(s - z[qi]);
+                    if (p != 0.0f) {
+                        const float dp = dot_rows(sdo[r], sv[lane], d);
+                        ds = p * (dp - dl[qi]) * P.scale;
+                    }
+                }
+#pragma unroll 4
+                for (int jj = 0; jj < ATTN_TILE; ++jj) {
+                    const float dsj = __shfl_sync(FULL_MASK, ds, jj);
+                    if (dsj != 0.0f) {
+#pragma unroll
+                        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+                            const int c = lane + 32 * dd;
+                            if (c < d) {
+                                acc[qi][dd] += dsj * sk[jj][c];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int qi = 0; qi < ATTN_QPW_BWD; ++qi) {
+        const int qp = sqpos[warp * ATTN_QPW_BWD + qi];
+        if (qp < 0) {
+            continue;
+        }
+        float* row = dq + (long long)qp * d;
+#pragma unroll
+        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+            const int c = lane + 32 * dd;
+            if (c < d) {
+                row[c] += acc[qi][dd];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, dk/dv pass: keys at slots [k_begin, k_begin + k_count) (<= ATTN_ROWS_BWD) against
+// the query slots of `queries` (every query that can see these keys):
+//   dv_j += sum_i p_ij dO_i
+//   dk_j += sum_i p_ij (dO_i . v_j - delta_i) * scale * q_i      (gradient w.r.t. the key used)
+// With unit_keys, dk is taken back through the normalisation before it is added:
+//   d(raw key) = (dk - k (k . dk)) / norm.
+// Deterministic: each key position is owned by one block per launch, which sums its queries in
+// a fixed order. No floating-point atomics: the price is that the scores of a (query, key) tile
+// are computed twice (here and in the dq pass) — cheaper than contended atomics on dk/dv and
+// it keeps training runs bit-reproducible.
+// ---------------------------------------------------------------------------------------------
+__device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin, int k_count,
+                                        const SlotRanges& queries, const float* dout,
+                                        const float* lse, const float* delta, float* dk,
+                                        float* dv) {
+    if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
+        return;  // a launch this code was not written for (uniform over the block)
+    }
+    __shared__ float skey[ATTN_ROWS_BWD][ATTN_MAX_D];
+    __shared__ float sval[ATTN_ROWS_BWD][ATTN_MAX_D];
+    __shared__ float skinv[ATTN_ROWS_BWD];
+    __shared__ int skpos[ATTN_ROWS_BWD];
+    __shared__ float sq[ATTN_TILE][ATTN_MAX_D + 1];
+    __shared__ float sdo[ATTN_TILE][ATTN_MAX_D + 1];
+    __shared__ float sz[ATTN_TILE];
+    __shared__ float sdl[ATTN_TILE];
+    __shared__ int sqpos[ATTN_TILE];
+
+    const int lane = threadIdx.x;
+    const int warp = threadIdx.y;
+    const int d = P.d;
+
+    for (int r = warp; r < ATTN_ROWS_BWD; r += ATTN_WARPS) {
+        const int kp = r < k_count ? key_position(P, k_begin + r) : -1;
+        const float inv = warp_load_row(P.k, kp, d, skey[r], P.unit_keys);
+        warp_load_row(P.v, kp, d, sval[r], false);
+        if (lane == 0) {
+            skpos[r] = kp;
+            skinv[r] = inv;
+        }
+    }
+    __syncthreads();  // rows are loaded by one warp and used by another
+
+    float gk[ATTN_QPW_BWD][ATTN_DPL];
+    float gv[ATTN_QPW_BWD][ATTN_DPL];
+#pragma unroll
+    for (int ki = 0; ki < ATTN_QPW_BWD; ++ki) {
+#pragma unroll
+        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+            gk[ki][dd] = 0.0f;
+            gv[ki][dd] = 0.0f;
+        }
+    }
+
+    for (int ri = 0; ri < queries.count; ++ri) {
+        for (long long t0 = queries.begin[ri]; t0 < queries.end[ri]; t0 += ATTN_TILE) {
+            const long long t_count = min((long long)ATTN_TILE, queries.end[ri] - t0);
+            __syncthreads();  // the previous tile is consumed
+            for (int i = warp; i < ATTN_TILE; i += ATTN_WARPS) {
+                const int qp = i < t_count ? slot_position(P, t0 + i) : -1;
+                warp_load_row(P.q, qp, d, sq[i], false);
+                warp_load_row(dout, qp, d, sdo[i], false);
+                if (lane == 0) {
+                    sqpos[i] = qp;
+                    sz[i] = qp >= 0 ? lse[qp] : -INFINITY;
+                    sdl[i] = qp >= 0 ? delta[qp] : 0.0f;
+                }
+            }
+            __syncthreads();
+
+            const int qp = sqpos[lane];
+            const float zq = sz[lane];
+#pragma unroll
+            for (int ki = 0; ki < ATTN_QPW_BWD; ++ki) {
+                const int r = warp * ATTN_QPW_BWD + ki;
+                const int kp = skpos[r];
+                if (kp < 0) {
+                    continue;  // uniform over the warp
+                }
+                float p = 0.0f;
+                float ds = 0.0f;
+                if (pair_allowed(P, qp, kp) && zq != -INFINITY) {
+                    const bool self = pair_is_self(P, qp, kp);
+                    const float s = self ? SELF_SCORE : P.scale * dot_rows(sq[lane], skey[r], d);
+                    p = expf(s - zq);
+                    if (p != 0.0f && !self) {
+                        const float dp = dot_rows(sdo[lane], sval[r], d);
+                        ds = p * (dp - sdl[lane]) * P.scale;
+                    }
+                }
+#pragma unroll 4
+                for (int ii = 0; ii < ATTN_TILE; ++ii) {
+                    const float pi = __shfl_sync(FULL_MASK, p, ii);
+                    const float dsi = __shfl_sync(FULL_MASK, ds, ii);
+                    if (pi != 0.0f) {
+#pragma unroll
+                        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+                            const int c = lane + 32 * dd;
+                            if (c < d) {
+                                gv[ki][dd] += pi * sdo[ii][c];
+                            }
+                        }
+                    }
+                    if (dsi != 0.0f) {
+#pragma unroll
+                        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+                            const int c = lane + 32 * dd;
+                            if (c < d) {
+                                gk[ki][dd] += dsi * sq[ii][c];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int ki = 0; ki < ATTN_QPW_BWD; ++ki) {
+        const int r = warp * ATTN_QPW_BWD + ki;
+        const int kp = skpos[r];
+        if (kp < 0) {
+            continue;
+        }
+        float* vrow = dv + (long long)kp * d;
+        float* krow = dk + (long long)kp * d;
+        float kdot = 0.0f;
+        if (P.unit_keys) {
+#pragma unroll
+            for (int dd = 0; dd < ATTN_DPL; ++dd) {
+                const int c = lane + 32 * dd;
+                if (c < d) {
+                    kdot += skey[r][c] * gk[ki][dd];
+                }
+            }
+            kdot = warp_sum(kdot);
+        }
+#pragma unroll
+        for (int dd = 0; dd < ATTN_DPL; ++dd) {
+            const int c = lane + 32 * dd;
+            if (c < d) {
+                vrow[c] += gv[ki][dd];
+                const float g = P.unit_keys ? (gk[ki][dd] - skey[r][c] * kdot) * skinv[r]
+                                            : gk[ki][dd];
+                krow[c] += g;
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+// Element-wise kernels over flat f32 buffers of `n` elements, and the f32 <-> bf16 casts.
+// Launch: 1-D grid, any block size (a multiple of 32); every kernel is grid-stride, so any grid
+// covers any `n`. Outputs may alias inputs where a comment says so.
+
+#include <cuda_bf16.h>
+
+// x[i] = value
+extern "C" __global__ void ew_fill(float* x, float value, long long n) {
+    GRID_STRIDE_LOOP(i, n) { x[i] = value; }
+}
+
+// y[i] = alpha * x[i]   (y may be x)
+extern "C" __global__ void ew_scale(const float* x, float alpha, float* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = alpha * x[i]; }
+}
+
+// y[i] = a[i] + b[i]   (y may be a or b)
+extern "C" __global__ void ew_add(const float* a, const float* b, float* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = a[i] + b[i]; }
+}
+
+// y[i] += alpha * x[i]   (x and y must not overlap unless equal)
+extern "C" __global__ void ew_axpy(float alpha, const float* x, float* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] += alpha * x[i]; }
+}
+
+// y[i] = max(x[i], 0)   (y may be x)
+extern "C" __global__ void ew_relu_fwd(const float* x, float* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = fmaxf(x[i], 0.0f); }
+}
+
+// dx[i] (+)= x[i] > 0 ? dy[i] : 0, where x is the relu's input; `accumulate` != 0 adds to dx.
+// (dx may be dy when not accumulating.)
+extern "C" __global__ void ew_relu_bwd(const float* x, const float* dy, float* dx, long long n,
+                                       int accumulate) {
+    GRID_STRIDE_LOOP(i, n) {
+        const float g = x[i] > 0.0f ? dy[i] : 0.0f;
+        dx[i] = accumulate ? dx[i] + g : g;
+    }
+}
+
+// y[i] = bf16(x[i]), rounding to nearest even (NaN stays NaN).
+extern "C" __global__ void ew_f32_to_bf16(const float* x, __nv_bfloat16* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = __float2bfloat16_rn(x[i]); }
+}
+
+// y[i] = f32(x[i]) (exact).
+extern "C" __global__ void ew_bf16_to_f32(const __nv_bfloat16* x, float* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = __bfloat162float(x[i]); }
+}
+
+// out[r] = sum_c a[r, c] * b[r, c] for `rows` rows of `cols` (the `delta = dO . O` of the
+// attention backward passes). One warp per row: block (32, W), grid ceil(rows / W).
+extern "C" __global__ void ew_row_dot(const float* a, const float* b, float* out, long long rows,
+                                      int cols) {
+    const long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    if (r >= rows) {
+        return;
+    }
+    const float* ar = a + r * cols;
+    const float* br = b + r * cols;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += 32) {
+        s += ar[c] * br[c];
+    }
+    s = warp_sum(s);
+    if (threadIdx.x == 0) {
+        out[r] = s;
+    }
+}
