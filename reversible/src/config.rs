@@ -1,0 +1,100 @@
+//! Layer configuration and the per-step context.
+
+use reformer_lsh::Buckets;
+
+use crate::error::{Result, ReversibleError};
+
+/// Which attention a layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttentionKind {
+    /// Chunked local attention, separate `W_q`, `W_k`, `W_v`, scores scaled by `1/sqrt(d_head)`.
+    Local,
+    /// Shared-QK LSH attention (`W_qk`, `W_v`), rotations drawn per step.
+    Lsh,
+    /// Exact shared-QK attention: the same function as LSH attention with one bucket.
+    Exact,
+}
+
+/// One reversible layer: `Y1 = X1 + Attn(LN(X2))`, `Y2 = X2 + FF(LN(Y1))`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerConfig {
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub n_heads: usize,
+    pub d_head: usize,
+    pub attention: AttentionKind,
+    /// Chunk length of LSH (sorted order) and local (original order) attention.
+    pub chunk_len: usize,
+    /// Buckets per LSH round; `None` means [`Buckets::auto`]`(len, chunk_len)` at each call.
+    pub n_buckets: Option<Buckets>,
+    /// LSH hash rounds (ignored by the other kinds).
+    pub n_rounds: usize,
+    /// Positions per chunk of the position-wise work: the feed-forward (its `d_ff`-wide
+    /// hidden exists for this many rows at a time) and the attention sublayer's layer norm,
+    /// projections and output projection. Chunks run over `batch·len` rows and may cross
+    /// sequence boundaries; results do not depend on the chunk size beyond rounding.
+    pub ff_chunk: usize,
+    pub causal: bool,
+    /// Dropout rate at the attention output, the feed-forward hidden and the feed-forward
+    /// output; 0 turns it off. Applied only when [`StepContext::train`] is set.
+    pub dropout: f32,
+    /// Seeds the parameters' initialisation, the LSH rotations and the dropout masks.
+    pub seed: u64,
+}
+
+impl LayerConfig {
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("d_model", self.d_model),
+            ("d_ff", self.d_ff),
+            ("n_heads", self.n_heads),
+            ("d_head", self.d_head),
+            ("chunk_len", self.chunk_len),
+            ("ff_chunk", self.ff_chunk),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ReversibleError::Config(format!("{name} must be positive")));
+            }
+        }
+        if self.attention == AttentionKind::Lsh && self.n_rounds == 0 {
+            return Err(ReversibleError::Config(
+                "LSH attention needs n_rounds >= 1".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ReversibleError::Config(format!(
+                "dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        if let Some(b) = &self.n_buckets {
+            b.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The buckets an LSH layer uses for sequences of length `len`.
+    pub fn buckets_for(&self, len: usize) -> Buckets {
+        self.n_buckets
+            .clone()
+            .unwrap_or_else(|| Buckets::auto(len, self.chunk_len))
+    }
+}
+
+/// What varies per training (or evaluation) step. `step` seeds the LSH rotations and the
+/// dropout masks of that step, so the backward pass's recompute sees the same ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct StepContext {
+    pub step: u64,
+    pub train: bool,
+}
+
+impl StepContext {
+    pub fn train(step: u64) -> Self {
+        Self { step, train: true }
+    }
+    pub fn eval(step: u64) -> Self {
+        Self { step, train: false }
+    }
+}

@@ -1,0 +1,32 @@
+//! Errors of the reversible crate: the engine's and the attention crate's, plus shape and
+//! configuration problems of the layers themselves.
+
+use reformer_engine::EngineError;
+use reformer_lsh::AttentionError;
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ReversibleError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Attention(#[from] AttentionError),
+    #[error("shape mismatch in {op}: got {got:?}, expected {expected:?}")]
+    Shape {
+        op: &'static str,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("invalid layer configuration: {0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, ReversibleError>;
+
+pub(crate) fn shape_err(op: &'static str, got: &[usize], expected: &[usize]) -> ReversibleError {
+    ReversibleError::Shape {
+        op,
+        got: got.to_vec(),
+        expected: expected.to_vec(),
+    }
+}
