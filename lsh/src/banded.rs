@@ -7,7 +7,7 @@
 use std::ops::RangeInclusive;
 
 use rayon::prelude::*;
-use reformer_engine::{ops::dot, Buffer, Tensor};
+use reformer_engine::{ops::dot, Buffer, Hold, Tensor};
 
 use crate::block::{
     block_backward, BackwardScratch, KeyBlock, OnlineSoftmax, QueryBlock, QueryGrad, ScoreRule,
@@ -58,14 +58,17 @@ pub(crate) struct Banded<'a> {
 struct Geometry {
     positions: Vec<u32>,
     nb: usize,
+    /// Counts `positions` and one head's validity mask in the pool.
+    _bytes: Hold,
 }
 
 impl Banded<'_> {
-    fn geometry(&self) -> Geometry {
-        Geometry {
+    fn geometry(&self) -> Result<Geometry> {
+        Ok(Geometry {
+            _bytes: self.q.pool().hold(5 * self.dims.len)?,
             positions: (0..self.dims.len as u32).collect(),
             nb: self.dims.len.div_ceil(self.block),
-        }
+        })
     }
 
     fn rows(&self, b: usize) -> std::ops::Range<usize> {
@@ -99,7 +102,7 @@ impl Banded<'_> {
     pub fn forward(&self) -> Result<(Tensor, Buffer<f32>)> {
         let pool = self.q.pool().clone();
         let Dims { heads, len, d } = self.dims;
-        let g = self.geometry();
+        let g = self.geometry()?;
         let mut out = Tensor::zeros(&pool, &self.dims.shape())?;
         let mut lse = pool.alloc::<f32>(heads * len)?;
         let tile_bytes = OnlineSoftmax::new(self.block, d, self.block).bytes();
@@ -141,7 +144,7 @@ impl Banded<'_> {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let pool = self.q.pool().clone();
         let Dims { heads, len, d } = self.dims;
-        let g = self.geometry();
+        let g = self.geometry()?;
         let mut delta = pool.alloc::<f32>(heads * len)?;
         delta
             .par_iter_mut()

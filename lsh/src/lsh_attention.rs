@@ -7,7 +7,7 @@
 //! stored per-(round, query) logsumexp. Memory per head is O(N·(d + rounds)).
 
 use rayon::prelude::*;
-use reformer_engine::{ops::dot, Buffer, MemoryPool, Tensor};
+use reformer_engine::{ops::dot, Buffer, Hold, MemoryPool, Tensor};
 
 use crate::block::{
     block_backward, BackwardScratch, KeyBlock, OnlineSoftmax, QueryBlock, QueryGrad, ScoreRule,
@@ -65,6 +65,8 @@ struct SortedRound {
     /// `inv[position] = slot`.
     inv: Buffer<u32>,
     valid: Vec<bool>,
+    /// Counts `valid` in the pool.
+    _valid_bytes: Hold,
 }
 
 /// Geometry of the padded, chunked sequence.
@@ -142,17 +144,24 @@ fn sort_round(
         };
     }
     let mut perm = pool.alloc::<u32>(padded)?;
+    let counts_bytes = pool.hold(4 * (n_buckets + 2))?;
     let mut counts = Vec::new();
     counting_sort(&keys, n_buckets + 1, &mut perm, &mut counts);
-    drop(keys);
+    drop((keys, counts, counts_bytes));
     let mut inv = pool.alloc::<u32>(len)?;
     for (slot, &p) in perm.iter().enumerate() {
         if (p as usize) < len {
             inv[p as usize] = slot as u32;
         }
     }
+    let _valid_bytes = pool.hold(perm.len())?;
     let valid = perm.iter().map(|&p| mask.valid(h, p as usize)).collect();
-    Ok(SortedRound { perm, inv, valid })
+    Ok(SortedRound {
+        perm,
+        inv,
+        valid,
+        _valid_bytes,
+    })
 }
 
 /// LSH attention forward. `qk`, `v`: `[heads, len, d]`. Returns the output `[heads, len, d]`

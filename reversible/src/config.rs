@@ -25,7 +25,8 @@ pub struct LayerConfig {
     pub attention: AttentionKind,
     /// Chunk length of LSH (sorted order) and local (original order) attention.
     pub chunk_len: usize,
-    /// Buckets per LSH round; `None` means [`Buckets::auto`]`(len, chunk_len)` at each call.
+    /// Buckets per LSH round; `None` means [`Buckets::auto`]`(len, chunk_len)` at each call,
+    /// and a count given here is an upper bound (see [`LayerConfig::buckets_for`]).
     pub n_buckets: Option<Buckets>,
     /// LSH hash rounds (ignored by the other kinds).
     pub n_rounds: usize,
@@ -74,11 +75,17 @@ impl LayerConfig {
         Ok(())
     }
 
-    /// The buckets an LSH layer uses for sequences of length `len`.
+    /// The buckets an LSH layer uses for sequences of length `len`: the automatic count
+    /// (the power of two nearest `2·len/chunk`), or the configured one when it is smaller.
+    /// A configured count is an upper bound: presets state theirs for their full length
+    /// (e.g. `cp6`'s 64·128 at 2^19), and a shorter sequence, which could not fill that many
+    /// buckets, gets the automatic count instead of thousands of empty buckets.
     pub fn buckets_for(&self, len: usize) -> Buckets {
-        self.n_buckets
-            .clone()
-            .unwrap_or_else(|| Buckets::auto(len, self.chunk_len))
+        let auto = Buckets::auto(len, self.chunk_len);
+        match &self.n_buckets {
+            Some(b) if b.total() <= auto.total() => b.clone(),
+            _ => auto,
+        }
     }
 }
 
@@ -96,5 +103,37 @@ impl StepContext {
     }
     pub fn eval(step: u64) -> Self {
         Self { step, train: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lsh(n_buckets: Option<Buckets>) -> LayerConfig {
+        LayerConfig {
+            d_model: 8,
+            d_ff: 8,
+            n_heads: 1,
+            d_head: 8,
+            attention: AttentionKind::Lsh,
+            chunk_len: 64,
+            n_buckets,
+            n_rounds: 1,
+            ff_chunk: 8,
+            causal: true,
+            dropout: 0.0,
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn configured_buckets_are_an_upper_bound() {
+        let cp6 = lsh(Some(Buckets::Factorised(64, 128)));
+        // full length: the preset's count (below the automatic 128·128)
+        assert_eq!(cp6.buckets_for(1 << 19), Buckets::Factorised(64, 128));
+        // a 4096-token training sequence cannot fill 8192 buckets: automatic 128
+        assert_eq!(cp6.buckets_for(4096), Buckets::Single(128));
+        assert_eq!(lsh(None).buckets_for(1 << 16), Buckets::Factorised(32, 64));
     }
 }
