@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use reformer::checkpoint;
+use reformer::config::Attention;
 use reformer::data::{TextData, DEFAULT_VALID_FRACTION};
 use reformer::train::bits;
 use reformer::{generate, AdamConfig, LrSchedule, ModelConfig, SampleOptions, Trainer};
@@ -76,6 +77,10 @@ struct Args {
     /// Seed of the data windows.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Attention kind that replaces the preset's LSH layers: `exact` trains the same model
+    /// with exact shared-QK attention (the quality baseline), `local` with local attention.
+    #[arg(long, value_name = "KIND")]
+    lsh_as: Option<String>,
     /// Bytes to generate at the end (0: none).
     #[arg(long, default_value_t = 300)]
     sample_tokens: usize,
@@ -141,7 +146,14 @@ fn run(args: &Args) -> AnyResult<()> {
             t
         }
         None => {
-            let cfg = ModelConfig::preset(&args.preset)?;
+            let mut cfg = ModelConfig::preset(&args.preset)?;
+            if let Some(kind) = &args.lsh_as {
+                let kind = Attention::parse(kind)
+                    .ok_or_else(|| format!("--lsh-as {kind}: expected lsh, local or exact"))?;
+                for a in cfg.attention.iter_mut().filter(|a| **a == Attention::Lsh) {
+                    *a = kind;
+                }
+            }
             if args.seq_len > cfg.max_len() {
                 return Err(format!(
                     "--seq-len {} exceeds the {} preset's capacity {}",

@@ -45,6 +45,25 @@ pub enum KernelsError {
     },
     #[error("{} kernel families failed to compile:\n{}", .0.len(), join_errors(.0))]
     CompileFailures(Vec<KernelsError>),
+    #[error(
+        "device memory budget exceeded: requested {requested} bytes with {live} bytes live, \
+         budget {budget} bytes; lower the sequence length or batch, or raise the budget"
+    )]
+    OutOfMemory {
+        requested: usize,
+        live: usize,
+        budget: usize,
+    },
+    #[error("shape mismatch in {op}: got {got:?}, expected {expected:?}")]
+    Shape {
+        op: &'static str,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("invalid argument to {op}: {msg}")]
+    InvalidArgument { op: &'static str, msg: String },
+    #[error("cuBLAS error in {op}: {status}")]
+    Cublas { op: &'static str, status: String },
 }
 
 fn join_errors(errors: &[KernelsError]) -> String {

@@ -7,10 +7,13 @@
 //!   (family, architecture).
 //! - [`sources`]: the `.cu` files and the kernel names launch wrappers look up.
 //! - [`geometry`]: the launch geometry the kernels are written for.
+//! - [`gpu`]: the host side of the CUDA backend — device context, counted device memory, safe
+//!   launch wrappers, cuBLAS matrix products, and the attention API mirroring `reformer-lsh`.
 
 pub mod compile;
 pub mod error;
 pub mod geometry;
+pub mod gpu;
 pub mod include_dir;
 pub mod libs;
 pub mod probe;
@@ -18,6 +21,7 @@ pub mod sources;
 
 pub use compile::{compile, compile_all, compile_source, CompiledFamily};
 pub use error::KernelsError;
+pub use gpu::{DeviceBuffer, GpuContext};
 pub use libs::nvrtc_version;
 pub use probe::{probe, GpuInfo};
 pub use sources::{names, KernelFamily};

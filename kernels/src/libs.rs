@@ -18,6 +18,9 @@ pub enum Library {
     Driver,
     /// The runtime compiler, `libnvrtc.so.13` (CUDA toolkit or the `nvidia-cuda-nvrtc` wheel).
     Nvrtc,
+    /// Dense linear algebra, `libcublas.so.13` (CUDA toolkit or the `nvidia-cublas` wheel);
+    /// loaded only when a matrix product first runs on the GPU.
+    Cublas,
 }
 
 impl Library {
@@ -28,6 +31,10 @@ impl Library {
             Library::Nvrtc => {
                 "libnvrtc.so.13 (NVRTC; scripts/install-nvrtc.sh installs it and prints the \
                  LD_LIBRARY_PATH to export)"
+            }
+            Library::Cublas => {
+                "libcublas.so.13 (cuBLAS; install the CUDA 13 toolkit or the nvidia-cublas wheel \
+                 and put its lib folder on LD_LIBRARY_PATH)"
             }
         }
     }
@@ -40,6 +47,7 @@ impl Library {
             match self {
                 Library::Driver => cudarc::driver::sys::is_culib_present(),
                 Library::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+                Library::Cublas => cudarc::cublas::sys::is_culib_present(),
             }
         }
     }
@@ -54,6 +62,9 @@ impl Library {
                 }
                 Library::Nvrtc => {
                     cudarc::nvrtc::sys::culib();
+                }
+                Library::Cublas => {
+                    cudarc::cublas::sys::culib();
                 }
             }
         }
@@ -75,6 +86,7 @@ impl Library {
         match self {
             Library::Driver => "libcuda",
             Library::Nvrtc => "libnvrtc",
+            Library::Cublas => "libcublas",
         }
     }
 }
@@ -83,9 +95,11 @@ impl Library {
 pub fn ensure(lib: Library) -> Result<(), KernelsError> {
     static DRIVER: OnceLock<Result<(), KernelsError>> = OnceLock::new();
     static NVRTC: OnceLock<Result<(), KernelsError>> = OnceLock::new();
+    static CUBLAS: OnceLock<Result<(), KernelsError>> = OnceLock::new();
     let cell = match lib {
         Library::Driver => &DRIVER,
         Library::Nvrtc => &NVRTC,
+        Library::Cublas => &CUBLAS,
     };
     cell.get_or_init(|| lib.check()).clone()
 }
@@ -155,7 +169,7 @@ mod tests {
 
     #[test]
     fn ensure_answers_without_panicking() {
-        for lib in [Library::Driver, Library::Nvrtc] {
+        for lib in [Library::Driver, Library::Nvrtc, Library::Cublas] {
             match ensure(lib) {
                 Ok(()) => {}
                 Err(KernelsError::MissingLibrary(what)) => assert!(what.contains(lib.name())),

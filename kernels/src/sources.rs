@@ -70,7 +70,8 @@ pub mod names {
         pub const SCAN: &str = "bucket_sort_scan";
         pub const SCATTER: &str = "bucket_sort_scatter";
         pub const INVERT: &str = "bucket_sort_invert";
-        pub const ALL: &[&str] = &[HISTOGRAM, SCAN, SCATTER, INVERT];
+        pub const MASK_KEYS: &str = "bucket_sort_mask_keys";
+        pub const ALL: &[&str] = &[HISTOGRAM, SCAN, SCATTER, INVERT, MASK_KEYS];
     }
     pub mod lsh_attention {
         pub const FWD: &str = "lsh_attn_fwd";

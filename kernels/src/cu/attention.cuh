@@ -36,6 +36,83 @@
 #define SELF_SCORE (-1e5f)
 #define KEY_NORM_EPS 1e-12f
 
+// ---------------------------------------------------------------------------------------------
+// Logsumexps by (round, position). Exact and local attention have one round; LSH attention runs
+// one launch per hash round and keeps every round's z_r (layout [n_heads, n_rounds, n]: this
+// head's round r of position p at lse[r * round_stride + p]).
+//
+// The rounds of LSH attention together form one softmax over every (round, key) pair a query
+// saw, with total logsumexp Z = logsumexp_r z_r; round r's probabilities are
+// p = w_r exp(s - z_r), w_r = exp(z_r - Z). Z itself is never formed: a query that sees only
+// itself has z_r = -1e5 in every round, where f32 cannot hold the ln(n_rounds) that Z adds (the
+// spacing of floats near 1e5 is 0.0078: up to 0.4% error in every weight). The weights are
+// taken relative to the rounds' maximum instead, w_r = exp(z_r - m) / sum_r' exp(z_r' - m),
+// m = max_r' z_r', which is accurate to a few ulps (the CPU reference does this in f64).
+// ---------------------------------------------------------------------------------------------
+struct RoundLse {
+    const float* lse;        // this head's logsumexps (round 0)
+    long long round_stride;  // distance between rounds (n for LSH; unused with one round)
+    int n_rounds;
+    int round;               // the round this launch handles
+};
+
+__device__ __forceinline__ RoundLse single_round_lse(const float* lse) {
+    RoundLse L;
+    L.lse = lse;
+    L.round_stride = 0;
+    L.n_rounds = 1;
+    L.round = 0;
+    return L;
+}
+
+// Folding a new round into a running result: the running output is normalised over rounds
+// [0, round) and the new round has logsumexp z. Returns the weights of the running output (*a)
+// and of the new round's normalised output (*b); both 0 when no round allowed any key.
+__device__ __forceinline__ void fold_weights(const float* lse, long long round_stride, int round,
+                                             int pos, float z, float* a, float* b) {
+    float m = z;
+    for (int r = 0; r < round; ++r) {
+        m = fmaxf(m, lse[(long long)r * round_stride + pos]);
+    }
+    float s_prev = 0.0f;
+    float e = 0.0f;
+    if (m != -INFINITY) {
+        for (int r = 0; r < round; ++r) {
+            const float zr = lse[(long long)r * round_stride + pos];
+            s_prev += zr == -INFINITY ? 0.0f : expf(zr - m);
+        }
+        e = z == -INFINITY ? 0.0f : expf(z - m);
+    }
+    const float total = s_prev + e;
+    *a = total > 0.0f ? s_prev / total : 0.0f;
+    *b = total > 0.0f ? e / total : 0.0f;
+}
+
+// The logsumexp z of query `pos` in round L.round and the weight w of that round's
+// probabilities (p = w exp(s - z)); w = 0 when the round allowed the query no key.
+__device__ __forceinline__ void query_norm(const RoundLse& L, int pos, float* z, float* w) {
+    const float zq = L.lse[(long long)L.round * L.round_stride + pos];
+    *z = zq;
+    if (zq == -INFINITY) {
+        *w = 0.0f;
+        return;
+    }
+    if (L.n_rounds <= 1) {
+        *w = 1.0f;
+        return;
+    }
+    float m = zq;
+    for (int r = 0; r < L.n_rounds; ++r) {
+        m = fmaxf(m, L.lse[(long long)r * L.round_stride + pos]);
+    }
+    float s = 0.0f;
+    for (int r = 0; r < L.n_rounds; ++r) {
+        const float zr = L.lse[(long long)r * L.round_stride + pos];
+        s += zr == -INFINITY ? 0.0f : expf(zr - m);
+    }
+    *w = expf(zq - m) / s;
+}
+
 struct AttnProblem {
     const float* q;                // [n, d] query rows by position (this head)
     const float* k;                // [n, d] key rows by position (raw; normalised on load)
@@ -165,14 +242,16 @@ __device__ __forceinline__ float dot_rows(const float* a, const float* b, int d)
 
 // ---------------------------------------------------------------------------------------------
 // Forward: queries at slots [q_begin, q_begin + q_count) (q_count <= ATTN_ROWS_FWD) against the
-// key slots of `keys`. Writes, at each query's position, the normalised output row and the
-// logsumexp of its scores (-inf and a zero row when no key is allowed). With `fold`, (out, lse)
-// already hold a running result (earlier LSH rounds) and this block's result is folded in:
-//   lse' = logaddexp(lse, z),  out' = out * exp(lse - lse') + o * exp(z - lse').
+// key slots of `keys`. Writes, at each query's position, the logsumexp z of its scores to
+// lse[round * round_stride + pos] (-inf when no key is allowed) and its output row: the
+// normalised output o (a zero row when no key is allowed), or, with `fold` and round > 0, the
+// running output of rounds [0, round) (already in `out`) with this round folded in:
+//   out' = a * out + b * o,  (a, b) from fold_weights (relative to the rounds' max logsumexp).
 // Each position is owned by exactly one block per launch, so no two blocks touch a row.
 // ---------------------------------------------------------------------------------------------
 __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q_count,
-                                  const SlotRanges& keys, float* out, float* lse, bool fold) {
+                                  const SlotRanges& keys, float* out, float* lse,
+                                  long long round_stride, int round, bool fold) {
     if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
         return;  // a launch this code was not written for (uniform over the block)
     }
@@ -274,7 +353,7 @@ __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q
         const float z = any ? m[qi] + logf(l[qi]) : -INFINITY;
         const float inv = any ? 1.0f / l[qi] : 0.0f;
         float* orow = out + (long long)qp * d;
-        if (!fold) {
+        if (!fold || round == 0) {
 #pragma unroll
             for (int dd = 0; dd < ATTN_DPL; ++dd) {
                 const int c = lane + 32 * dd;
@@ -282,40 +361,38 @@ __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q
                     orow[c] = acc[qi][dd] * inv;
                 }
             }
-            if (lane == 0) {
-                lse[qp] = z;
-            }
         } else {
-            const float z_old = lse[qp];
-            __syncwarp();  // every lane has read lse before lane 0 overwrites it
-            const float z_new = log_add_exp(z_old, z);
-            const float w_old = z_new == -INFINITY ? 0.0f : expf(z_old - z_new);
-            const float w_new = z_new == -INFINITY ? 0.0f : expf(z - z_new);
+            // Earlier rounds' logsumexps were written by earlier launches; this launch writes
+            // only this round's slot, so every lane may read them.
+            float a;
+            float b;
+            fold_weights(lse, round_stride, round, qp, z, &a, &b);
 #pragma unroll
             for (int dd = 0; dd < ATTN_DPL; ++dd) {
                 const int c = lane + 32 * dd;
                 if (c < d) {
-                    const float prev = w_old != 0.0f ? orow[c] * w_old : 0.0f;
-                    orow[c] = prev + acc[qi][dd] * inv * w_new;
+                    const float prev = a != 0.0f ? orow[c] * a : 0.0f;
+                    const float cur = b != 0.0f ? acc[qi][dd] * inv * b : 0.0f;
+                    orow[c] = prev + cur;
                 }
             }
-            if (lane == 0) {
-                lse[qp] = z_new;
-            }
+        }
+        if (lane == 0) {
+            lse[(long long)round * round_stride + qp] = z;
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward, dq pass: queries at slots [q_begin, q_begin + q_count) (<= ATTN_ROWS_BWD) against
-// the key slots of `keys`. With p = exp(s - lse) (lse: the logsumexp over *every* key the
-// query saw, all rounds), delta = dO . O:
+// the key slots of `keys`. With p = w exp(s - z) (z, w from query_norm: the probability of the
+// pair within the softmax over *every* (round, key) pair the query saw), delta = dO . O:
 //   dq += sum_j p (dO . v_j - delta) * scale * k_j      (k_j unit when unit_keys)
 // Added into dq at the query's position (each position owned by one block per launch).
 // ---------------------------------------------------------------------------------------------
 __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, int q_count,
                                       const SlotRanges& keys, const float* dout,
-                                      const float* lse, const float* delta, float* dq) {
+                                      const RoundLse& L, const float* delta, float* dq) {
     if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
         return;  // a launch this code was not written for (uniform over the block)
     }
@@ -341,12 +418,17 @@ __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, i
     __syncthreads();
 
     float z[ATTN_QPW_BWD];
+    float w[ATTN_QPW_BWD];
     float dl[ATTN_QPW_BWD];
     float acc[ATTN_QPW_BWD][ATTN_DPL];
 #pragma unroll
     for (int qi = 0; qi < ATTN_QPW_BWD; ++qi) {
         const int qp = sqpos[warp * ATTN_QPW_BWD + qi];
-        z[qi] = qp >= 0 ? lse[qp] : -INFINITY;
+        z[qi] = -INFINITY;
+        w[qi] = 0.0f;
+        if (qp >= 0) {
+            query_norm(L, qp, &z[qi], &w[qi]);
+        }
         dl[qi] = qp >= 0 ? delta[qp] : 0.0f;
 #pragma unroll
         for (int dd = 0; dd < ATTN_DPL; ++dd) {
@@ -373,13 +455,13 @@ __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, i
             for (int qi = 0; qi < ATTN_QPW_BWD; ++qi) {
                 const int r = warp * ATTN_QPW_BWD + qi;
                 const int qp = sqpos[r];
-                if (qp < 0 || z[qi] == -INFINITY) {
+                if (qp < 0 || w[qi] == 0.0f) {
                     continue;  // uniform over the warp
                 }
                 float ds = 0.0f;
                 if (pair_allowed(P, qp, kp) && !pair_is_self(P, qp, kp)) {
                     const float s = P.scale * dot_rows(sq[r], sk[lane], d);
-                    const float p = expf(s - z[qi]);
+                    const float p = w[qi] * expf(s - z[qi]);
                     if (p != 0.0f) {
                         const float dp = dot_rows(sdo[r], sv[lane], d);
                         ds = p * (dp - dl[qi]) * P.scale;
@@ -421,7 +503,8 @@ __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, i
 
 // ---------------------------------------------------------------------------------------------
 // Backward, dk/dv pass: keys at slots [k_begin, k_begin + k_count) (<= ATTN_ROWS_BWD) against
-// the query slots of `queries` (every query that can see these keys):
+// the query slots of `queries` (every query that can see these keys), p = w exp(s - z) as in
+// the dq pass:
 //   dv_j += sum_i p_ij dO_i
 //   dk_j += sum_i p_ij (dO_i . v_j - delta_i) * scale * q_i      (gradient w.r.t. the key used)
 // With unit_keys, dk is taken back through the normalisation before it is added:
@@ -433,7 +516,7 @@ __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, i
 // ---------------------------------------------------------------------------------------------
 __device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin, int k_count,
                                         const SlotRanges& queries, const float* dout,
-                                        const float* lse, const float* delta, float* dk,
+                                        const RoundLse& L, const float* delta, float* dk,
                                         float* dv) {
     if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
         return;  // a launch this code was not written for (uniform over the block)
@@ -445,6 +528,7 @@ __device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin,
     __shared__ float sq[ATTN_TILE][ATTN_MAX_D + 1];
     __shared__ float sdo[ATTN_TILE][ATTN_MAX_D + 1];
     __shared__ float sz[ATTN_TILE];
+    __shared__ float sw[ATTN_TILE];
     __shared__ float sdl[ATTN_TILE];
     __shared__ int sqpos[ATTN_TILE];
 
@@ -483,8 +567,14 @@ __device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin,
                 warp_load_row(P.q, qp, d, sq[i], false);
                 warp_load_row(dout, qp, d, sdo[i], false);
                 if (lane == 0) {
+                    float zq = -INFINITY;
+                    float wq = 0.0f;
+                    if (qp >= 0) {
+                        query_norm(L, qp, &zq, &wq);
+                    }
                     sqpos[i] = qp;
-                    sz[i] = qp >= 0 ? lse[qp] : -INFINITY;
+                    sz[i] = zq;
+                    sw[i] = wq;
                     sdl[i] = qp >= 0 ? delta[qp] : 0.0f;
                 }
             }
@@ -492,6 +582,7 @@ __device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin,
 
             const int qp = sqpos[lane];
             const float zq = sz[lane];
+            const float wq = sw[lane];
 #pragma unroll
             for (int ki = 0; ki < ATTN_QPW_BWD; ++ki) {
                 const int r = warp * ATTN_QPW_BWD + ki;
@@ -501,10 +592,10 @@ __device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin,
                 }
                 float p = 0.0f;
                 float ds = 0.0f;
-                if (pair_allowed(P, qp, kp) && zq != -INFINITY) {
+                if (pair_allowed(P, qp, kp) && wq != 0.0f) {
                     const bool self = pair_is_self(P, qp, kp);
                     const float s = self ? SELF_SCORE : P.scale * dot_rows(sq[lane], skey[r], d);
-                    p = expf(s - zq);
+                    p = wq * expf(s - zq);
                     if (p != 0.0f && !self) {
                         const float dp = dot_rows(sdo[lane], sval[r], d);
                         ds = p * (dp - sdl[lane]) * P.scale;

@@ -188,3 +188,22 @@ extern "C" __global__ void bucket_sort_invert(const unsigned* perm, unsigned* in
         }
     }
 }
+
+// keys[seg, p] = buckets[seg, p], or `masked_key` (= the bucket count) where key_valid marks
+// position p as padding; seg = head * n_rounds + round. Sorting these keys puts padding
+// positions after every real one, as the CPU reference does, so a padding position never moves
+// a real one to another chunk. key_valid is [n] (valid_per_head = 0) or [n_heads, n]
+// (valid_per_head = 1). Launch: 1-D, grid-stride over segs * n.
+extern "C" __global__ void bucket_sort_mask_keys(const unsigned* buckets,
+                                                 const unsigned char* key_valid,
+                                                 int valid_per_head, unsigned* keys, int n,
+                                                 int n_rounds, long long segs,
+                                                 unsigned masked_key) {
+    GRID_STRIDE_LOOP(idx, segs * n) {
+        const long long seg = idx / n;
+        const long long pos = idx - seg * n;
+        const long long head = seg / n_rounds;
+        const unsigned char valid = key_valid[(valid_per_head ? head * n : 0) + pos];
+        keys[idx] = valid != 0 ? buckets[idx] : masked_key;
+    }
+}

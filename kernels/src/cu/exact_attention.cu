@@ -58,7 +58,7 @@ extern "C" __global__ void exact_attn_fwd(const float* q, const float* k, const 
     const long long k_end = causal ? min((long long)n, q_begin + q_count) : (long long)n;
     const long long head_rows = (long long)h * n;
     attn_forward_rows(P, q_begin, q_count, one_range(0, k_end), out + head_rows * d,
-                      lse + head_rows, false);
+                      lse + head_rows, 0, 0, false);
 }
 
 extern "C" __global__ void exact_attn_bwd_dq(const float* q, const float* k, const float* v,
@@ -81,7 +81,8 @@ extern "C" __global__ void exact_attn_bwd_dq(const float* q, const float* k, con
     const long long k_end = causal ? min((long long)n, q_begin + q_count) : (long long)n;
     const long long head_rows = (long long)h * n;
     attn_backward_dq_rows(P, q_begin, q_count, one_range(0, k_end), dout + head_rows * d,
-                          lse + head_rows, delta + head_rows, dq + head_rows * d);
+                          single_round_lse(lse + head_rows), delta + head_rows,
+                          dq + head_rows * d);
 }
 
 extern "C" __global__ void exact_attn_bwd_dkdv(const float* q, const float* k, const float* v,
@@ -104,6 +105,6 @@ extern "C" __global__ void exact_attn_bwd_dkdv(const float* q, const float* k, c
     const long long q_first = causal ? k_begin : 0;
     const long long head_rows = (long long)h * n;
     attn_backward_dkdv_rows(P, k_begin, k_count, one_range(q_first, n), dout + head_rows * d,
-                            lse + head_rows, delta + head_rows, dk + head_rows * d,
-                            dv + head_rows * d);
+                            single_round_lse(lse + head_rows), delta + head_rows,
+                            dk + head_rows * d, dv + head_rows * d);
 }

@@ -62,7 +62,7 @@ extern "C" __global__ void local_attn_fwd(const float* q, const float* k, const 
         local_problem(q, k, v, key_valid, valid_per_head, b.head, n, d, causal, scale);
     const long long head_rows = (long long)b.head * n;
     attn_forward_rows(P, b.row_begin, b.row_count, local_chunk_ranges(b, chunk, -1),
-                      out + head_rows * d, lse + head_rows, false);
+                      out + head_rows * d, lse + head_rows, 0, 0, false);
 }
 
 extern "C" __global__ void local_attn_bwd_dq(const float* q, const float* k, const float* v,
@@ -81,8 +81,8 @@ extern "C" __global__ void local_attn_bwd_dq(const float* q, const float* k, con
         local_problem(q, k, v, key_valid, valid_per_head, b.head, n, d, causal, scale);
     const long long head_rows = (long long)b.head * n;
     attn_backward_dq_rows(P, b.row_begin, b.row_count, local_chunk_ranges(b, chunk, -1),
-                          dout + head_rows * d, lse + head_rows, delta + head_rows,
-                          dq + head_rows * d);
+                          dout + head_rows * d, single_round_lse(lse + head_rows),
+                          delta + head_rows, dq + head_rows * d);
 }
 
 extern "C" __global__ void local_attn_bwd_dkdv(const float* q, const float* k, const float* v,
@@ -102,6 +102,6 @@ extern "C" __global__ void local_attn_bwd_dkdv(const float* q, const float* k, c
         local_problem(q, k, v, key_valid, valid_per_head, b.head, n, d, causal, scale);
     const long long head_rows = (long long)b.head * n;
     attn_backward_dkdv_rows(P, b.row_begin, b.row_count, local_chunk_ranges(b, chunk, +1),
-                            dout + head_rows * d, lse + head_rows, delta + head_rows,
-                            dk + head_rows * d, dv + head_rows * d);
+                            dout + head_rows * d, single_round_lse(lse + head_rows),
+                            delta + head_rows, dk + head_rows * d, dv + head_rows * d);
 }

@@ -5,9 +5,12 @@
 // n_chunks = ceil(n / chunk) chunks; chunk c attends to the keys of chunk c and chunk c - 1 of
 // the same round (chunk 0 looks back at the last chunk; a round that is a single chunk has no
 // look-back). Masks: causal by original position, the query's own position scores -1e5, padding
-// keys (key_valid == 0, or slots past n in a partial last chunk) are excluded.
+// keys (key_valid == 0, or slots past n in a partial last chunk) are excluded. With a key mask,
+// perm must sort padding positions after every real one (bucket_sort_mask_keys), as the CPU
+// does, so that padding never moves a real position into another chunk.
 //
-// Layouts: qk, v, out, dout, dqk, dv [n_heads, n, d] by original position; lse, delta
+// Layouts: qk, v, out, dout, dqk, dv [n_heads, n, d] by original position; lse
+// [n_heads, n_rounds, n] (every round's logsumexp z_r, as the CPU reference keeps them); delta
 // [n_heads, n]; perm [n_heads, n_rounds, n]; key_valid null, [n] (valid_per_head = 0) or
 // [n_heads, n] (valid_per_head = 1).
 //
@@ -15,15 +18,19 @@
 // grid (n_chunks * ceil(chunk / ROWS), n_heads) with ROWS = ATTN_ROWS_FWD for the forward and
 // ATTN_ROWS_BWD for the backward passes.
 //
-// Rounds. The forward writes round r's o_r and z_r (logsumexp) at each query's position. With
-// fold = 0 they overwrite (out, lse) (per-round buffers; lsh_attn_combine folds them into a
-// running result); with fold = 1 they are folded straight into the running (out, lse), which
-// needs no per-round buffer (round 0 then runs with fold = 0, or after out = 0 and
-// lse = -inf). Either way the result is
-//   o(i) = sum_r exp(z_r(i) - logsumexp_r z_r(i)) o_r(i),  lse(i) = logsumexp_r z_r(i).
-// The backward uses that total lse: the rounds together are one softmax over every (round, key)
-// pair a query saw, so p = exp(s - lse) and delta = dO . o (ew_row_dot) are shared by all
-// rounds, and the number of rounds may differ between training and evaluation.
+// Rounds. The forward of round r writes z_r at lse[h, r, i] and the round's output o_r: with
+// fold = 1 it is folded straight into the running output `out` of rounds [0, r) (no per-round
+// buffer; round 0 simply writes); with fold = 0 it overwrites `out` (a per-round buffer) and
+// lsh_attn_combine folds it into the running result. Either way the result is
+//   o(i) = sum_r w_r(i) o_r(i),  w_r = exp(z_r - logsumexp_r' z_r'),
+// with the weights computed relative to the rounds' maximum z (attention.cuh, fold_weights):
+// forming the total logsumexp in f32 would lose ln(n_rounds) for a query that sees only itself
+// (z = -1e5 in every round). The rounds must run in order, on one stream.
+//
+// The backward reads every round's z: the rounds together are one softmax over every
+// (round, key) pair a query saw, so round r's probabilities are w_r exp(s - z_r), and
+// delta = dO . o (ew_row_dot) is shared by all rounds. The number of rounds may differ between
+// training and evaluation.
 //
 // Backward (per round, all launches on one stream): lsh_attn_bwd_dq adds dq into dqk;
 // lsh_attn_bwd_dkdv adds the key gradient (through the unit-norm) into dqk and dv. Key and value
@@ -67,12 +74,24 @@ __device__ __forceinline__ AttnProblem lsh_problem(const float* qk, const float*
     return P;
 }
 
+// Head h's per-round logsumexps, round `round` the one this launch handles.
+__device__ __forceinline__ RoundLse lsh_round_lse(const float* lse, int h, int n_rounds,
+                                                  int round, int n) {
+    RoundLse L;
+    L.lse = lse + (long long)h * n_rounds * n;
+    L.round_stride = n;
+    L.n_rounds = n_rounds;
+    L.round = round;
+    return L;
+}
+
 extern "C" __global__ void lsh_attn_fwd(const float* qk, const float* v, const unsigned* perm,
                                         const unsigned char* key_valid, int valid_per_head,
                                         float* out, float* lse, int n_heads, int n_rounds,
                                         int round, int n, int d, int chunk, int causal,
                                         int fold) {
-    if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads) {
+    if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads || round < 0 ||
+        round >= n_rounds) {
         return;
     }
     const ChunkBlock b = chunk_block(n, chunk, ATTN_ROWS_FWD);
@@ -81,44 +100,39 @@ extern "C" __global__ void lsh_attn_fwd(const float* qk, const float* v, const u
     }
     const AttnProblem P =
         lsh_problem(qk, v, perm, key_valid, valid_per_head, b.head, n_rounds, round, n, d, causal);
-    const long long head_rows = (long long)b.head * n;
     attn_forward_rows(P, b.row_begin, b.row_count, lsh_chunk_ranges(b, chunk, -1),
-                      out + head_rows * d, lse + head_rows, fold != 0);
+                      out + (long long)b.head * n * d, lse + (long long)b.head * n_rounds * n,
+                      (long long)n, round, fold != 0);
 }
 
-// Folds one round's (out_r, lse_r) into the running (out, lse), in place; first != 0 copies.
-// rows = n_heads * n. Launch: block (32, W), grid ceil(rows / W): one warp per row.
-extern "C" __global__ void lsh_attn_combine(float* out, float* lse, const float* out_r,
-                                            const float* lse_r, long long rows, int d,
-                                            int first) {
+// Folds round `round`'s output out_r (lsh_attn_fwd with fold = 0; its z_r already in lse) into
+// the running output `out` of rounds [0, round), in place; round 0 copies. Weights as in
+// lsh_attn_fwd's fold. rows = n_heads * n. Launch: block (32, W), grid ceil(rows / W): one warp
+// per row.
+extern "C" __global__ void lsh_attn_combine(float* out, const float* out_r, const float* lse,
+                                            int n_heads, int n_rounds, int round, int n, int d) {
     const long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y;
-    if (r >= rows) {
+    if (r >= (long long)n_heads * n || round < 0 || round >= n_rounds) {
         return;
     }
+    const long long h = r / n;
+    const int pos = (int)(r - h * n);
+    const float* lse_h = lse + h * n_rounds * n;
     float* o = out + r * d;
     const float* o_r = out_r + r * d;
-    const float z_r = lse_r[r];
-    if (first) {
+    if (round == 0) {
         for (int c = threadIdx.x; c < d; c += 32) {
             o[c] = o_r[c];
         }
-        if (threadIdx.x == 0) {
-            lse[r] = z_r;
-        }
         return;
     }
-    const float z_old = lse[r];
-    __syncwarp();  // every lane has read lse before lane 0 overwrites it
-    const float z_new = log_add_exp(z_old, z_r);
-    const float w_old = z_new == -INFINITY ? 0.0f : expf(z_old - z_new);
-    const float w_new = z_new == -INFINITY ? 0.0f : expf(z_r - z_new);
+    float a;
+    float b;
+    fold_weights(lse_h, (long long)n, round, pos, lse_h[(long long)round * n + pos], &a, &b);
     for (int c = threadIdx.x; c < d; c += 32) {
-        const float prev = w_old != 0.0f ? o[c] * w_old : 0.0f;
-        const float cur = w_new != 0.0f ? o_r[c] * w_new : 0.0f;
+        const float prev = a != 0.0f ? o[c] * a : 0.0f;
+        const float cur = b != 0.0f ? o_r[c] * b : 0.0f;
         o[c] = prev + cur;
-    }
-    if (threadIdx.x == 0) {
-        lse[r] = z_new;
     }
 }
 
@@ -128,7 +142,8 @@ extern "C" __global__ void lsh_attn_bwd_dq(const float* qk, const float* v, cons
                                            const float* delta, float* dqk, int n_heads,
                                            int n_rounds, int round, int n, int d, int chunk,
                                            int causal) {
-    if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads) {
+    if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads || round < 0 ||
+        round >= n_rounds) {
         return;
     }
     const ChunkBlock b = chunk_block(n, chunk, ATTN_ROWS_BWD);
@@ -139,8 +154,8 @@ extern "C" __global__ void lsh_attn_bwd_dq(const float* qk, const float* v, cons
         lsh_problem(qk, v, perm, key_valid, valid_per_head, b.head, n_rounds, round, n, d, causal);
     const long long head_rows = (long long)b.head * n;
     attn_backward_dq_rows(P, b.row_begin, b.row_count, lsh_chunk_ranges(b, chunk, -1),
-                          dout + head_rows * d, lse + head_rows, delta + head_rows,
-                          dqk + head_rows * d);
+                          dout + head_rows * d, lsh_round_lse(lse, b.head, n_rounds, round, n),
+                          delta + head_rows, dqk + head_rows * d);
 }
 
 extern "C" __global__ void lsh_attn_bwd_dkdv(const float* qk, const float* v,
@@ -149,7 +164,8 @@ extern "C" __global__ void lsh_attn_bwd_dkdv(const float* qk, const float* v,
                                              const float* lse, const float* delta, float* dqk,
                                              float* dv, int n_heads, int n_rounds, int round,
                                              int n, int d, int chunk, int causal) {
-    if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads) {
+    if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads || round < 0 ||
+        round >= n_rounds) {
         return;
     }
     const ChunkBlock b = chunk_block(n, chunk, ATTN_ROWS_BWD);
@@ -160,6 +176,6 @@ extern "C" __global__ void lsh_attn_bwd_dkdv(const float* qk, const float* v,
         lsh_problem(qk, v, perm, key_valid, valid_per_head, b.head, n_rounds, round, n, d, causal);
     const long long head_rows = (long long)b.head * n;
     attn_backward_dkdv_rows(P, b.row_begin, b.row_count, lsh_chunk_ranges(b, chunk, +1),
-                            dout + head_rows * d, lse + head_rows, delta + head_rows,
-                            dqk + head_rows * d, dv + head_rows * d);
+                            dout + head_rows * d, lsh_round_lse(lse, b.head, n_rounds, round, n),
+                            delta + head_rows, dqk + head_rows * d, dv + head_rows * d);
 }

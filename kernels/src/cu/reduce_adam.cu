@@ -47,7 +47,7 @@ extern "C" __global__ void reduce_partials(const float* partials, int n_partials
 }
 
 // One Adam step (AdamW when weight_decay > 0: decoupled decay) on n parameters:
-//   clip = grad_sumsq ? min(1, max_norm / (sqrt(*grad_sumsq) + 1e-6)) : 1
+//   norm = sqrt(*grad_sumsq),  clip = norm > max_norm ? max_norm / norm : 1   (as the CPU)
 //   g = clip * grad
 //   m = beta1 m + (1 - beta1) g,  v = beta2 v + (1 - beta2) g^2
 //   param -= lr * ((m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
@@ -63,7 +63,9 @@ extern "C" __global__ void adam_update(float* param, const float* grad, float* m
     float clip = 1.0f;
     if (grad_sumsq != nullptr && max_norm > 0.0f) {
         const float norm = sqrtf(*grad_sumsq);
-        clip = fminf(1.0f, max_norm / (norm + 1e-6f));
+        if (norm > max_norm) {
+            clip = max_norm / norm;
+        }
     }
     const float t = (float)(step < 1 ? 1 : step);
     const float bias1 = 1.0f - powf(beta1, t);
