@@ -9,6 +9,8 @@
 //! * [`checkpoint`]: atomic safetensors checkpoints with typed load errors.
 //! * [`generate`]: temperature / top-k sampling.
 //! * [`train`]: the training step, evaluation, save and resume.
+//! * [`planner`]: the memory pool's peak of a training step or an inference pass, predicted
+//!   before it runs, with a breakdown.
 
 pub mod axial;
 pub mod checkpoint;
@@ -22,6 +24,7 @@ pub mod lm_head;
 pub mod model;
 pub mod optim;
 pub mod param;
+pub mod planner;
 pub mod train;
 
 pub use checkpoint::{Checkpoint, CheckpointError, TrainState};
@@ -32,5 +35,6 @@ pub use generate::{generate, SampleOptions};
 pub use model::ReformerLm;
 pub use optim::{Adam, AdamConfig, LrSchedule};
 pub use param::{HasParams, Param};
+pub use planner::{MemoryPlan, PlanKind};
 pub use reformer_reversible::StepContext;
 pub use train::{StepStats, Trainer};

@@ -1,0 +1,417 @@
+//! The long-context memory demonstration: plans, then runs, training steps and forward-only
+//! passes of a preset over one long sequence (2^19 tokens by default) under a memory budget,
+//! and reports time, tokens/s, the pool's peak against the plan, and the process's peak RSS.
+//!
+//! ```text
+//! cargo run --release --example long_context -- --plan                     # deep20, 2^19: the plan only
+//! cargo run --release --example long_context -- --preset cp6 --len 16384 --steps 2
+//! cargo run --release --example long_context -- --len 65536 --layers 6 --json out.json
+//! ```
+//!
+//! Tokens are random bytes unless `--text FILE` is given (memory and time do not depend on
+//! the text). The pool refuses any allocation past `--mem-budget`: a step that would pass it
+//! stops with the typed out-of-memory error, reported on one line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use reformer::config::Attention;
+use reformer::data::TextData;
+use reformer::planner::human_bytes;
+use reformer::{
+    AdamConfig, LrSchedule, MemoryPlan, ModelConfig, ReformerError, ReformerLm, StepContext,
+    Trainer,
+};
+use reformer_engine::{DType, Device, EngineError, MemoryPool, Rng};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Plan, train and run a Reformer over one long sequence under a memory budget")]
+struct Args {
+    /// Model preset: tiny, cp6, deep20, wide20.
+    #[arg(long, default_value = "deep20")]
+    preset: String,
+    /// Tokens per sequence (at most the preset's axial capacity, 2^19 for the big presets).
+    #[arg(long, default_value_t = 524_288)]
+    len: usize,
+    /// Memory budget of the pool: bytes, or with a unit KiB, MiB, GiB (e.g. 16GiB, 1.5GiB).
+    #[arg(long, default_value = "16GiB")]
+    mem_budget: String,
+    /// Where to run. The model has no CUDA backend yet: cuda (or auto on a GPU machine) says
+    /// so on one line and runs on the CPU; the plan is printed for the requested device.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Print the plan and exit.
+    #[arg(long)]
+    plan: bool,
+    /// Activation storage type for the printed plan (the CPU engine runs f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// Training steps (forward, backward, Adam) to run.
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// Forward-only passes (with the loss, evaluation rounds) to run after training.
+    #[arg(long, default_value_t = 1)]
+    infer: usize,
+    /// Override the number of layers (the preset's attention pattern repeats).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Override the LSH hash rounds (training and evaluation).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Read tokens from this file instead of random bytes.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Write a one-line JSON summary here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Seed of the random tokens and the data window.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut summary = serde_json::Map::new();
+    let result = run(&args, &mut summary);
+    if let Err(e) = &result {
+        eprintln!("error: {e}");
+        summary.insert("error".into(), e.to_string().into());
+    }
+    if let Some(path) = &args.json {
+        let line = serde_json::Value::Object(summary).to_string();
+        if let Err(e) = std::fs::write(path, line + "\n") {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `16GiB`, `1.5 GiB`, `512MiB`, `4096KiB`, `1000000` (bytes), case-insensitive units.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("--mem-budget `{s}`: expected a number with KiB, MiB or GiB"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
+        u => {
+            return Err(format!(
+                "--mem-budget `{s}`: unknown unit `{u}` (KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = value * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < usize::MAX as f64) {
+        return Err(format!("--mem-budget `{s}` is out of range"));
+    }
+    Ok(bytes as usize)
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+fn peak_rss() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn rss_text() -> String {
+    peak_rss().map_or_else(|| "n/a".to_string(), human_bytes)
+}
+
+/// The config the arguments ask for.
+fn model_config(args: &Args) -> AnyResult<ModelConfig> {
+    let mut cfg = ModelConfig::preset(&args.preset)?;
+    if let Some(l) = args.layers {
+        if l == 0 {
+            return Err("--layers must be at least 1".into());
+        }
+        let pattern = cfg.attention.clone();
+        cfg.attention = (0..l).map(|i| pattern[i % pattern.len()]).collect();
+        cfg.n_layers = l;
+    }
+    if let Some(r) = args.rounds {
+        if r == 0 {
+            return Err("--rounds must be at least 1".into());
+        }
+        cfg.n_rounds = r;
+        cfg.eval_rounds = r;
+    }
+    if args.len == 0 || args.len > cfg.max_len() {
+        return Err(format!(
+            "--len {} is outside what the {} preset serves (1 ..= {})",
+            args.len,
+            args.preset,
+            cfg.max_len()
+        )
+        .into());
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `(device to plan for, device to run on)`.
+fn devices(arg: DeviceArg) -> (Device, Device) {
+    let requested = match arg {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda(0),
+        DeviceArg::Auto => Device::cuda_if_available(),
+    };
+    if requested.is_cuda() {
+        eprintln!(
+            "{requested}: the model's CUDA backend is not implemented yet; running on the CPU \
+             (the plan is shown for {requested}, unverified)"
+        );
+    }
+    (requested, Device::Cpu)
+}
+
+/// The engine's error inside the layers' wrappers, if that is what `e` is.
+fn engine_error(e: &ReformerError) -> Option<&EngineError> {
+    use reformer_lsh::AttentionError as A;
+    use reformer_reversible::ReversibleError as R;
+    match e {
+        ReformerError::Engine(e)
+        | ReformerError::Attention(A::Engine(e))
+        | ReformerError::Reversible(R::Engine(e))
+        | ReformerError::Reversible(R::Attention(A::Engine(e))) => Some(e),
+        _ => None,
+    }
+}
+
+/// One line for a step that the pool refused, or any other error.
+fn describe(e: &ReformerError) -> String {
+    match engine_error(e) {
+        Some(EngineError::OutOfMemory {
+            requested,
+            live,
+            budget,
+        }) => format!(
+            "memory budget exceeded (typed OutOfMemory error): an allocation of {} with {} live \
+             would pass the budget of {}",
+            human_bytes(*requested),
+            human_bytes(*live),
+            human_bytes(*budget)
+        ),
+        _ => e.to_string(),
+    }
+}
+
+fn data(args: &Args) -> AnyResult<TextData> {
+    match &args.text {
+        Some(p) => Ok(TextData::load(p, 0.0, args.len)?),
+        None => {
+            let mut rng = Rng::new(args.seed);
+            let bytes = (0..=args.len).map(|_| rng.below(256) as u8).collect();
+            Ok(TextData::from_bytes(
+                std::path::Path::new("random bytes"),
+                bytes,
+                0.0,
+                args.len,
+            )?)
+        }
+    }
+}
+
+fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) -> AnyResult<()> {
+    let budget = parse_bytes(&args.mem_budget)?;
+    let cfg = model_config(args)?;
+    let (plan_device, run_device) = devices(args.device);
+    let dtype = match args.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let len = args.len;
+    let threads = rayon::current_num_threads();
+    let put =
+        |m: &mut serde_json::Map<String, serde_json::Value>, k: &str, v: serde_json::Value| {
+            m.insert(k.to_string(), v);
+        };
+    put(summary, "preset", args.preset.clone().into());
+    put(summary, "len", len.into());
+    put(summary, "layers", cfg.n_layers.into());
+    put(summary, "rounds", cfg.n_rounds.into());
+    put(summary, "eval_rounds", cfg.eval_rounds.into());
+    put(summary, "device", run_device.to_string().into());
+    put(summary, "plan_device", plan_device.to_string().into());
+    put(summary, "budget_bytes", budget.into());
+    put(summary, "threads", threads.into());
+
+    let train_plan = MemoryPlan::for_training_step(&cfg, len, plan_device, dtype)?;
+    let infer_plan = MemoryPlan::for_inference(&cfg, len, plan_device, dtype)?;
+    println!(
+        "{} preset: {} layers ({}), d_model {}, {} × {} heads, rounds {} (eval {}), {} tokens; \
+         budget {}; {threads} threads",
+        args.preset,
+        cfg.n_layers,
+        cfg.attention
+            .iter()
+            .map(|a: &Attention| a.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.d_head,
+        cfg.n_rounds,
+        cfg.eval_rounds,
+        len,
+        human_bytes(budget)
+    );
+    println!("{train_plan}");
+    println!("{infer_plan}");
+    put(summary, "train_plan_bytes", train_plan.total.into());
+    put(summary, "infer_plan_bytes", infer_plan.total.into());
+    for (name, p, n) in [
+        ("training step", &train_plan, args.steps),
+        ("inference pass", &infer_plan, args.infer),
+    ] {
+        if n > 0 && !p.fits(budget) {
+            println!(
+                "the plan puts a {name} at {}, {} above the budget of {}{}",
+                human_bytes(p.total),
+                human_bytes(p.total - budget),
+                human_bytes(budget),
+                if args.plan {
+                    ""
+                } else {
+                    "; running anyway: the pool will refuse the allocation that passes it"
+                }
+            );
+        }
+    }
+    if args.plan {
+        return Ok(());
+    }
+    // The CPU run uses the CPU plan (the figures are the same; only the notes differ).
+    let train_plan = MemoryPlan::for_training_step(&cfg, len, run_device, DType::F32)?;
+    let infer_plan = MemoryPlan::for_inference(&cfg, len, run_device, DType::F32)?;
+
+    let pool = MemoryPool::with_budget(budget);
+    let data = data(args)?;
+    let window = data.train_window(args.seed, 0, len)?.to_vec();
+    let mut train_peak = 0usize;
+    let mut model = if args.steps > 0 {
+        let schedule = LrSchedule {
+            warmup: 1,
+            total_steps: args.steps as u64,
+            ..LrSchedule::default()
+        };
+        let mut trainer = Trainer::new(
+            &cfg,
+            &pool,
+            data,
+            len,
+            args.seed,
+            schedule,
+            AdamConfig::default(),
+        )
+        .map_err(|e| describe(&e))?;
+        let mut times = Vec::new();
+        for step in 0..args.steps {
+            pool.reset_peak();
+            let t0 = Instant::now();
+            let stats = trainer
+                .step()
+                .map_err(|e| format!("training step {step} stopped: {}", describe(&e)))?;
+            let dt = t0.elapsed().as_secs_f64();
+            times.push(dt);
+            let peak = pool.peak_bytes();
+            train_peak = train_peak.max(peak);
+            println!(
+                "train step {step}: {dt:.2} s, {:.0} tokens/s, loss {:.3}; pool peak {} \
+                 (plan {}, measured/plan {:.4}); peak RSS {}",
+                len as f64 / dt,
+                stats.loss,
+                human_bytes(peak),
+                human_bytes(train_plan.total),
+                peak as f64 / train_plan.total as f64,
+                rss_text()
+            );
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        put(summary, "train_steps", args.steps.into());
+        put(summary, "train_s_per_step", mean.into());
+        put(summary, "train_tokens_per_s", (len as f64 / mean).into());
+        put(summary, "train_peak_bytes", train_peak.into());
+        put(
+            summary,
+            "train_measured_over_plan",
+            (train_peak as f64 / train_plan.total as f64).into(),
+        );
+        // Inference runs without the optimizer state, as planned.
+        let Trainer { model, .. } = trainer;
+        model
+    } else {
+        ReformerLm::new(&cfg, &pool).map_err(|e| describe(&e))?
+    };
+
+    if args.infer > 0 {
+        model.set_rounds(cfg.eval_rounds)?;
+        let mut times = Vec::new();
+        let mut infer_peak = 0usize;
+        for pass in 0..args.infer {
+            pool.reset_peak();
+            let t0 = Instant::now();
+            let loss = model
+                .eval_loss(&window, &StepContext::eval(pass as u64))
+                .map_err(|e| format!("inference pass {pass} stopped: {}", describe(&e)))?;
+            let dt = t0.elapsed().as_secs_f64();
+            times.push(dt);
+            let peak = pool.peak_bytes();
+            infer_peak = infer_peak.max(peak);
+            println!(
+                "inference pass {pass}: {dt:.2} s, {:.0} tokens/s, loss {loss:.3}; pool peak {} \
+                 (plan {}, measured/plan {:.4}); peak RSS {}",
+                len as f64 / dt,
+                human_bytes(peak),
+                human_bytes(infer_plan.total),
+                peak as f64 / infer_plan.total as f64,
+                rss_text()
+            );
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        put(summary, "infer_passes", args.infer.into());
+        put(summary, "infer_s_per_pass", mean.into());
+        put(summary, "infer_tokens_per_s", (len as f64 / mean).into());
+        put(summary, "infer_peak_bytes", infer_peak.into());
+        put(
+            summary,
+            "infer_measured_over_plan",
+            (infer_peak as f64 / infer_plan.total as f64).into(),
+        );
+    }
+    if let Some(rss) = peak_rss() {
+        put(summary, "peak_rss_bytes", rss.into());
+    }
+    Ok(())
+}
