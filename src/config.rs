@@ -67,6 +67,10 @@ pub struct ModelConfig {
     pub eval_rounds: usize,
     /// Positions per feed-forward chunk.
     pub ff_chunk: usize,
+    /// Heads per pass of each attention sublayer (`0`: all at once); see
+    /// [`LayerConfig::head_group`]. An execution choice: it changes memory and speed, not the
+    /// parameters, and results only through rounding.
+    pub head_group: usize,
     /// Positions per chunk of the LM head and loss.
     pub loss_chunk: usize,
     /// Axial position shape `(a1, a2)`; the model serves lengths up to `a1·a2`.
@@ -109,6 +113,7 @@ impl ModelConfig {
                 n_rounds: 2,
                 eval_rounds: 2,
                 ff_chunk: 16,
+                head_group: 0,
                 loss_chunk: 16,
                 axial_shape: (16, 16),
                 axial_dims: (8, 24),
@@ -127,6 +132,7 @@ impl ModelConfig {
                 n_rounds: 1,
                 eval_rounds: 4,
                 ff_chunk: 2048,
+                head_group: 0,
                 loss_chunk: 2048,
                 axial_shape: big_axial,
                 axial_dims: (64, 192),
@@ -145,6 +151,7 @@ impl ModelConfig {
                 n_rounds: 2,
                 eval_rounds: 2,
                 ff_chunk: 8192,
+                head_group: 0,
                 loss_chunk: 8192,
                 axial_shape: big_axial,
                 axial_dims: (64, 192),
@@ -163,6 +170,7 @@ impl ModelConfig {
                 n_rounds: 2,
                 eval_rounds: 2,
                 ff_chunk: 8192,
+                head_group: 1,
                 loss_chunk: 8192,
                 axial_shape: big_axial,
                 axial_dims: (256, 768),
@@ -250,6 +258,7 @@ impl ModelConfig {
                 n_buckets: self.buckets.clone(),
                 n_rounds: self.n_rounds,
                 ff_chunk: self.ff_chunk,
+                head_group: self.head_group,
                 causal: true,
                 dropout: self.dropout,
                 seed: root.fork(1 + i as u64).next_u64(),
@@ -277,6 +286,7 @@ impl ModelConfig {
             ("n_rounds", self.n_rounds.to_string()),
             ("eval_rounds", self.eval_rounds.to_string()),
             ("ff_chunk", self.ff_chunk.to_string()),
+            ("head_group", self.head_group.to_string()),
             ("loss_chunk", self.loss_chunk.to_string()),
             (
                 "axial_shape",
@@ -364,6 +374,12 @@ impl ModelConfig {
             n_rounds: num("n_rounds")?,
             eval_rounds: num("eval_rounds")?,
             ff_chunk: num("ff_chunk")?,
+            // Absent from configs written before head groups existed: all heads at once.
+            head_group: if map.contains_key("head_group") {
+                num("head_group")?
+            } else {
+                0
+            },
             loss_chunk: num("loss_chunk")?,
             axial_shape: pair("axial_shape", 'x')?,
             axial_dims: pair("axial_dims", '+')?,
@@ -375,10 +391,12 @@ impl ModelConfig {
     }
 
     /// The first field where `self` and `other` differ: `(field, self's value, other's)`.
+    /// `head_group` is not compared: it is how the attention runs, not what the model is.
     pub fn first_difference(&self, other: &ModelConfig) -> Option<(&'static str, String, String)> {
         self.to_pairs()
             .into_iter()
             .zip(other.to_pairs())
+            .filter(|((k, _), _)| *k != "head_group")
             .find(|((_, a), (_, b))| a != b)
             .map(|((k, a), (_, b))| (k, a, b))
     }
@@ -417,5 +435,23 @@ mod tests {
         let mut c = a.clone();
         c.axial_dims = (8, 8);
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn head_group_is_stored_but_not_a_difference() {
+        let a = ModelConfig::preset("wide20").unwrap();
+        assert_eq!(a.head_group, 1);
+        assert!(a.layer_configs().iter().all(|l| l.heads_per_group() == 1));
+        let mut b = a.clone();
+        b.head_group = 0;
+        assert_eq!(a.first_difference(&b), None);
+        // Text written before the field existed reads as all heads at once.
+        let old: String = a
+            .to_text()
+            .split(';')
+            .filter(|kv| !kv.starts_with("head_group="))
+            .collect::<Vec<_>>()
+            .join(";");
+        assert_eq!(ModelConfig::from_text(&old).unwrap(), b);
     }
 }

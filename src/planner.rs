@@ -6,7 +6,7 @@
 //!
 //! The plan is not a formula fitted to measurements: it replays, symbolically, the sequence
 //! of pool allocations and releases that the code makes (embedding, every layer's attention
-//! and feed-forward, per head and per hash round, the chunked LM head and loss, the reversible
+//! and feed-forward, per head group, per head and per hash round, the chunked LM head and loss, the reversible
 //! backward in reverse layer order), with the byte size of each buffer, and takes the maximum
 //! of the running total. Each function below names the code it mirrors; a change to the
 //! allocation structure of those functions must be mirrored here (`tests/planner_accuracy.rs`
@@ -467,7 +467,9 @@ impl Sim {
     }
 }
 
-/// Sizes of one layer at one length.
+/// Sizes of one layer at one length. `heads` and `width` are those of one head group inside
+/// the attention functions (see [`Geometry::groups`]).
+#[derive(Debug, Clone)]
 struct Geometry {
     kind: AttentionKind,
     len: usize,
@@ -476,6 +478,8 @@ struct Geometry {
     heads: usize,
     dh: usize,
     width: usize,
+    /// `(first head, heads)` of each pass of the attention sublayer.
+    head_groups: Vec<(usize, usize)>,
     /// Rows per chunk of the position-wise work (`ff_chunk`, at most `len`).
     c: usize,
     /// LSH / local chunk length.
@@ -496,12 +500,52 @@ impl Geometry {
             heads: l.n_heads,
             dh: l.d_head,
             width: l.n_heads * l.d_head,
+            head_groups: l.head_groups().collect(),
             c: l.ff_chunk.min(len).max(1),
             m: l.chunk_len,
             rounds: l.n_rounds,
             n_buckets: b.total(),
             rotation_cols: b.rotation_cols(),
         }
+    }
+    /// Whether the sublayer runs in more than one pass (groups use copies of their weight
+    /// columns).
+    fn split(&self) -> bool {
+        self.head_groups.len() > 1
+    }
+    /// Each head group's geometry (`heads`, `width` of the group) and a label suffix.
+    fn groups(&self) -> Vec<(Geometry, String)> {
+        self.head_groups
+            .iter()
+            .map(|&(h0, n)| {
+                let g = Geometry {
+                    heads: n,
+                    width: n * self.dh,
+                    ..self.clone()
+                };
+                let label = if self.split() {
+                    format!(" (heads {h0}..{})", h0 + n)
+                } else {
+                    String::new()
+                };
+                (g, label)
+            })
+            .collect()
+    }
+    /// `AttentionLayer`'s copies of a split group's columns of `n` projection weights (or
+    /// gradient sums of that shape): f32 `[d, width]` each; none with one group.
+    fn column_copies(&self, sim: &mut Sim, n: usize, what: &str) -> Vec<Id> {
+        if !self.split() {
+            return Vec::new();
+        }
+        (0..n)
+            .map(|_| {
+                sim.talloc(
+                    format!("{what} [{}, {}] f32", self.d, self.width),
+                    4 * self.d * self.width,
+                )
+            })
+            .collect()
     }
     /// One head-layout tensor `[heads, len, d_head]`, in values.
     fn lw(&self) -> usize {
@@ -535,7 +579,8 @@ fn sort_round(sim: &mut Sim, g: &Geometry) -> [Id; 3] {
     [perm, inv, valid]
 }
 
-/// `AttentionLayer::project`: the head-layout projections, then per-call chunk scratch.
+/// `AttentionLayer::project`: one group's head-layout projections, then per-call chunk
+/// scratch (and a split group's weight columns).
 fn project(sim: &mut Sim, g: &Geometry, names: &[&str]) -> Vec<Id> {
     let heads: Vec<Id> = names
         .iter()
@@ -549,8 +594,16 @@ fn project(sim: &mut Sim, g: &Geometry, names: &[&str]) -> Vec<Id> {
         format!("projection chunk [{}, {}]", g.c, g.width),
         sim.act(g.c * g.width),
     );
+    let cols = g.column_copies(sim, names.len(), "group weight columns");
     sim.free_all(&[ln, p]);
+    sim.free_all(&cols);
     heads
+}
+
+/// `AttentionLayer::call_rotations`: an LSH layer's rotations, held for the whole call.
+fn call_rotations(sim: &mut Sim, g: &Geometry) -> Option<Id> {
+    (g.kind == AttentionKind::Lsh)
+        .then(|| sim.talloc("LSH rotations", 4 * g.rounds * g.dh * g.rotation_cols))
 }
 
 /// `reformer_lsh::banded::Banded::forward`: returns `(out, lse)`.
@@ -589,8 +642,8 @@ fn banded_backward(sim: &mut Sim, g: &Geometry, block: usize) -> [Id; 3] {
 
 /// What `AttentionLayer::heads_forward` leaves live, by kind.
 enum Acts {
-    /// qk, v, out, buckets, lse, rotations.
-    Lsh([Id; 6]),
+    /// qk, v, out, buckets, lse.
+    Lsh([Id; 5]),
     /// qk, k, v, out, lse.
     Exact([Id; 5]),
     /// q, k, v, out, lse.
@@ -606,7 +659,7 @@ impl Acts {
     }
 }
 
-/// `AttentionLayer::heads_forward`: projections and the attention op.
+/// `AttentionLayer::heads_forward`: one group's projections and the attention op.
 fn heads_forward(sim: &mut Sim, g: &Geometry, what: &str) -> Acts {
     sim.at(format!("{what}: projections"));
     match g.kind {
@@ -614,7 +667,6 @@ fn heads_forward(sim: &mut Sim, g: &Geometry, what: &str) -> Acts {
             let p = project(sim, g, &["qk", "v"]);
             let (len, h, r) = (g.len, g.heads, g.rounds);
             sim.at(format!("{what}: attention op"));
-            let rot = sim.talloc("LSH rotations", 4 * g.rounds * g.dh * g.rotation_cols);
             // lsh_attention_forward
             let out = sim.talloc(format!("attention out {}", g.head_shape()), sim.act(g.lw()));
             let buckets = sim.talloc(format!("buckets [{h}, {r}, {len}] u32"), 4 * h * r * len);
@@ -634,7 +686,7 @@ fn heads_forward(sim: &mut Sim, g: &Geometry, what: &str) -> Acts {
                 }
                 sim.free_all(&[z, os, zs]);
             }
-            Acts::Lsh([p[0], p[1], out, buckets, lse, rot])
+            Acts::Lsh([p[0], p[1], out, buckets, lse])
         }
         AttentionKind::Exact => {
             let p = project(sim, g, &["qk", "v"]);
@@ -665,12 +717,19 @@ fn output_add(sim: &mut Sim, g: &Geometry) {
     sim.free_all(&[m, y]);
 }
 
-/// `AttentionLayer::forward_add`.
+/// `AttentionLayer::forward_add`: per head group, the group's heads and its share of the
+/// output projection.
 fn attention_forward(sim: &mut Sim, g: &Geometry, what: &str) {
-    let acts = heads_forward(sim, g, what);
-    sim.at(format!("{what}: output projection"));
-    output_add(sim, g);
-    sim.free_all(&acts.all());
+    sim.at(format!("{what}: projections"));
+    let rot = call_rotations(sim, g);
+    for (gg, label) in g.groups() {
+        let what = format!("{what}{label}");
+        let acts = heads_forward(sim, &gg, &what);
+        sim.at(format!("{what}: output projection"));
+        output_add(sim, &gg);
+        sim.free_all(&acts.all());
+    }
+    sim.free_all(rot.as_slice());
 }
 
 /// `reversible::layer_norm::LayerNorm::backward_rows` over `rows` rows.
@@ -680,9 +739,19 @@ fn ln_backward(sim: &mut Sim, rows: usize, dim: usize) {
     sim.free_all(&[stats, sums]);
 }
 
-/// `AttentionLayer::backward`: recompute, rebuild X1, through W_o, the attention op, the
-/// projections and the layer norm.
+/// `AttentionLayer::backward`: per head group, recompute, rebuild X1 (the group's share),
+/// through W_o, the attention op, the projections and the layer norm.
 fn attention_backward(sim: &mut Sim, g: &Geometry, what: &str) {
+    sim.at(format!("{what} (recomputed forward): projections"));
+    let rot = call_rotations(sim, g);
+    for (gg, label) in g.groups() {
+        attention_backward_group(sim, &gg, &format!("{what}{label}"));
+    }
+    sim.free_all(rot.as_slice());
+}
+
+/// One head group of [`attention_backward`].
+fn attention_backward_group(sim: &mut Sim, g: &Geometry, what: &str) {
     let acts = heads_forward(sim, g, &format!("{what} (recomputed forward)"));
     sim.at(format!("{what}: rebuilding X1"));
     output_add(sim, g);
@@ -701,8 +770,8 @@ fn attention_backward(sim: &mut Sim, g: &Geometry, what: &str) {
         sim.act(g.lw()),
     );
     sim.free_all(&[m, gc]);
-    let (grads, rest): (Vec<Id>, Vec<Id>) = match acts {
-        Acts::Lsh([qk, v, out, buckets, lse, rot]) => {
+    let grads: Vec<Id> = match acts {
+        Acts::Lsh([qk, v, out, buckets, lse]) => {
             // lsh_attention_backward
             let (len, pad, dh) = (g.len, g.padded(), g.dh);
             let d_qk = sim.talloc(format!("d_qk {}", g.head_shape()), sim.act(g.lw()));
@@ -730,19 +799,19 @@ fn attention_backward(sim: &mut Sim, g: &Geometry, what: &str) {
                 sim.free_all(&[z, delta]);
             }
             sim.free_all(&[qk, v, out, buckets, lse]);
-            (vec![d_qk, d_v], vec![rot])
+            vec![d_qk, d_v]
         }
         Acts::Exact([qk, k, v, out, lse]) => {
             sim.at(format!("{what}: attention op"));
             let [dq, dk, dv] = banded_backward(sim, g, reformer_lsh::exact_attention::EXACT_BLOCK);
             sim.free_all(&[k, v, out, lse, qk, dk]);
-            (vec![dq, dv], vec![])
+            vec![dq, dv]
         }
         Acts::Local([q, k, v, out, lse]) => {
             sim.at(format!("{what}: attention op"));
             let [dq, dk, dv] = banded_backward(sim, g, g.m);
             sim.free_all(&[q, k, v, out, lse]);
-            (vec![dq, dk, dv], vec![])
+            vec![dq, dk, dv]
         }
     };
     sim.free(d_heads);
@@ -760,10 +829,13 @@ fn attention_backward(sim: &mut Sim, g: &Geometry, what: &str) {
         format!("projection gradient chunk [{}, {}]", g.c, g.width),
         sim.act(g.c * g.width),
     );
+    let cols = g.column_copies(sim, grads.len(), "group weight columns");
+    let dws = g.column_copies(sim, grads.len(), "group weight gradient sums");
     ln_backward(sim, g.c, g.d);
     sim.free_all(&[ln, d_ln, gr]);
+    sim.free_all(&cols);
+    sim.free_all(&dws);
     sim.free_all(&grads);
-    sim.free_all(&rest);
 }
 
 /// `FeedForward::scratch` for the forward (`g` only with dropout).

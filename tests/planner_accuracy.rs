@@ -1,5 +1,6 @@
 //! The memory planner against the pool: for several configs (the `tiny` preset, a cp6-like, a
-//! deep20-like and a local/exact/LSH mix at a length that is not a multiple of the chunk), the
+//! deep20-like, a local/exact/LSH mix at a length that is not a multiple of the chunk, and a
+//! 4-head local/LSH/exact mix run one head and two heads per pass (`head_group` 1 and 2)), the
 //! plan's total is compared with the pool's measured peak of a real training step
 //! (`Trainer::step`: forward, backward, Adam) and of a forward-only pass (`eval_loss`).
 //!
@@ -69,6 +70,13 @@ fn cases() -> Vec<(&'static str, ModelConfig, usize)> {
         0.05,
     );
     cp6.buckets = Some(Buckets::Factorised(64, 128));
+    // Head groups: small loss chunks, so the peak lies inside a group's attention work.
+    let grouped = |layers: &[Attention], d_model, d_ff, heads, ff_chunk, head_group| {
+        let mut cfg = config(layers, d_model, d_ff, heads, 32, (2, 1), ff_chunk, 0.1);
+        cfg.loss_chunk = 32;
+        cfg.head_group = head_group;
+        cfg
+    };
     vec![
         ("tiny", ModelConfig::preset("tiny").unwrap(), 256),
         ("cp6-like", cp6, 2048),
@@ -90,6 +98,23 @@ fn cases() -> Vec<(&'static str, ModelConfig, usize)> {
             "local/exact/lsh",
             config(&[Local, Exact, Lsh], 64, 128, 2, 32, (2, 1), 256, 0.1),
             1000,
+        ),
+        (
+            "4 heads, group 1",
+            grouped(&[Local, Lsh, Exact], 64, 128, 4, 256, 1),
+            1000,
+        ),
+        (
+            "4 heads, group 2",
+            grouped(&[Local, Lsh, Exact], 64, 128, 4, 256, 2),
+            1000,
+        ),
+        // Wide and short: a group's projection backward (chunk scratch, weight column copies
+        // and gradient sums) outweighs its attention op, so the copies are live at the peak.
+        (
+            "8 heads, group 3",
+            grouped(&[Local, Lsh], 256, 64, 8, 256, 3),
+            256,
         ),
     ]
 }
@@ -191,6 +216,30 @@ fn plan_is_byte_exact_on_one_thread() {
     for (name, cfg, len) in cases() {
         check(name, PlanKind::TrainingStep, &cfg, len, 1);
         check(name, PlanKind::Inference, &cfg, len, 1);
+    }
+}
+
+#[test]
+fn head_group_cases_peak_inside_a_group() {
+    for (name, cfg, len) in cases().into_iter().filter(|(_, c, _)| c.head_group > 0) {
+        let plan = MemoryPlan::plan(
+            PlanKind::TrainingStep,
+            &cfg,
+            len,
+            Device::Cpu,
+            DType::F32,
+            1,
+        )
+        .unwrap();
+        assert!(plan.peak_at.contains("(heads "), "{name}: {}", plan.peak_at);
+        if cfg.n_heads == 8 {
+            assert!(
+                plan.working_set
+                    .iter()
+                    .any(|b| b.label.starts_with("group weight columns")),
+                "{name}: {plan}"
+            );
+        }
     }
 }
 

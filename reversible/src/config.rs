@@ -35,6 +35,12 @@ pub struct LayerConfig {
     /// projections and output projection. Chunks run over `batch·len` rows and may cross
     /// sequence boundaries; results do not depend on the chunk size beyond rounding.
     pub ff_chunk: usize,
+    /// Heads per pass of the attention sublayer: its projections, attention op and output
+    /// projection run for this many heads at a time, so only one group's head-layout tensors
+    /// (`[batch·group, len, d_head]`) exist at once. `0`, or at least `n_heads`, means every
+    /// head in one pass. Results do not depend on it beyond rounding (the LSH rotations are
+    /// shared by all heads, so buckets do not change); a last group may be smaller.
+    pub head_group: usize,
     pub causal: bool,
     /// Dropout rate at the attention output, the feed-forward hidden and the feed-forward
     /// output; 0 turns it off. Applied only when [`StepContext::train`] is set.
@@ -73,6 +79,21 @@ impl LayerConfig {
             b.validate()?;
         }
         Ok(())
+    }
+
+    /// Heads per pass of the attention sublayer (see [`LayerConfig::head_group`]): in
+    /// `1..=n_heads`.
+    pub fn heads_per_group(&self) -> usize {
+        match self.head_group {
+            0 => self.n_heads,
+            g => g.min(self.n_heads),
+        }
+    }
+
+    /// The head groups `(first head, heads)` of one pass each, in order.
+    pub fn head_groups(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (h, g) = (self.n_heads, self.heads_per_group().max(1));
+        (0..h).step_by(g).map(move |h0| (h0, g.min(h - h0)))
     }
 
     /// The buckets an LSH layer uses for sequences of length `len`: the automatic count
@@ -121,6 +142,7 @@ mod tests {
             n_buckets,
             n_rounds: 1,
             ff_chunk: 8,
+            head_group: 0,
             causal: true,
             dropout: 0.0,
             seed: 0,
@@ -135,5 +157,22 @@ mod tests {
         // a 4096-token training sequence cannot fill 8192 buckets: automatic 128
         assert_eq!(cp6.buckets_for(4096), Buckets::Single(128));
         assert_eq!(lsh(None).buckets_for(1 << 16), Buckets::Factorised(32, 64));
+    }
+
+    #[test]
+    fn head_groups_cover_every_head_once() {
+        let with = |n_heads, head_group| LayerConfig {
+            n_heads,
+            head_group,
+            ..lsh(None)
+        };
+        let groups = |c: LayerConfig| c.head_groups().collect::<Vec<_>>();
+        assert_eq!(groups(with(8, 0)), vec![(0, 8)]);
+        assert_eq!(groups(with(8, 8)), vec![(0, 8)]);
+        assert_eq!(groups(with(8, 20)), vec![(0, 8)]);
+        assert_eq!(groups(with(8, 1)).len(), 8);
+        assert_eq!(groups(with(8, 3)), vec![(0, 3), (3, 3), (6, 2)]);
+        assert_eq!(with(2, 0).heads_per_group(), 2);
+        assert_eq!(with(2, 1).heads_per_group(), 1);
     }
 }

@@ -107,3 +107,42 @@ pub fn gather_rows(
     });
     Ok(())
 }
+
+/// Copies columns `c0..c0+cols` of the row-major `[rows, width]` matrix `src` into `dst`
+/// (`[rows, cols]`): one head group's columns of a `[d_model, heads·d_head]` weight.
+pub fn copy_columns(src: &[f32], width: usize, c0: usize, dst: &mut [f32]) -> Result<()> {
+    let cols = check_columns("copy_columns", src.len(), width, c0, dst.len())?;
+    for (s, d) in src.chunks_exact(width).zip(dst.chunks_exact_mut(cols)) {
+        d.copy_from_slice(&s[c0..c0 + cols]);
+    }
+    Ok(())
+}
+
+/// Adds `src` (`[rows, cols]`) into columns `c0..c0+cols` of the row-major `[rows, width]`
+/// matrix `dst`.
+pub fn add_columns(dst: &mut [f32], width: usize, c0: usize, src: &[f32]) -> Result<()> {
+    let cols = check_columns("add_columns", dst.len(), width, c0, src.len())?;
+    for (d, s) in dst.chunks_exact_mut(width).zip(src.chunks_exact(cols)) {
+        for (a, b) in d[c0..c0 + cols].iter_mut().zip(s) {
+            *a += b;
+        }
+    }
+    Ok(())
+}
+
+/// The number of columns of the narrow matrix (`narrow` values) taken from a `[rows, width]`
+/// matrix (`wide` values) at column `c0`.
+fn check_columns(
+    op: &'static str,
+    wide: usize,
+    width: usize,
+    c0: usize,
+    narrow: usize,
+) -> Result<usize> {
+    let rows = wide.checked_div(width).unwrap_or(0);
+    let cols = narrow.checked_div(rows).unwrap_or(0);
+    if width == 0 || wide != rows * width || narrow != rows * cols || c0 + cols > width {
+        return Err(shape_err(op, &[rows, c0 + cols], &[rows, width]));
+    }
+    Ok(cols)
+}

@@ -92,6 +92,7 @@ fn feed_forward_gradients(dropout: f32) {
     // ff_chunk 5 divides neither len 7 nor batch·len 14.
     let cfg = LayerConfig {
         ff_chunk: 5,
+        head_group: 0,
         dropout,
         ..small_cfg(AttentionKind::Local, 11)
     };
@@ -213,6 +214,7 @@ fn stack_gradients(kinds: &[AttentionKind], dropout: f32) {
             d_ff: 8,
             chunk_len: 2,
             ff_chunk: 3,
+            head_group: 0,
             n_rounds: 1,
             ..small_cfg(k, 100 + i as u64)
         })
