@@ -7,6 +7,7 @@
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod huge_pages;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

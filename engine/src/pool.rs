@@ -126,8 +126,12 @@ impl MemoryPool {
             EngineError::InvalidArgument(format!("allocation of {len} elements overflows"))
         })?;
         self.reserve(bytes)?;
+        // A zeroed allocation this large comes fresh from the kernel, untouched: ask for huge
+        // pages before the first write faults it in.
+        let data = vec![T::zeroed(); len];
+        crate::huge_pages::advise(data.as_ptr().cast(), bytes);
         Ok(Buffer {
-            data: vec![T::zeroed(); len],
+            data,
             pool: self.clone(),
         })
     }
