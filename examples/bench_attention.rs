@@ -274,9 +274,9 @@ fn write_outputs(args: &Args, rows: &[Row]) -> std::io::Result<()> {
             r.peak_fwd,
             r.peak_fwd_bwd
         );
-        let _ = write!(
+        let _ = writeln!(
             json,
-            "  {{\"kind\": \"{}\", \"len\": {}, \"fwd_s\": {:.6}, \"fwd_bwd_s\": {:.6}, \"peak_fwd_bytes\": {}, \"peak_fwd_bwd_bytes\": {}, \"heads\": {}, \"d_k\": {}, \"chunk\": {}}}{}\n",
+            "  {{\"kind\": \"{}\", \"len\": {}, \"fwd_s\": {:.6}, \"fwd_bwd_s\": {:.6}, \"peak_fwd_bytes\": {}, \"peak_fwd_bwd_bytes\": {}, \"heads\": {}, \"d_k\": {}, \"chunk\": {}}}{}",
             r.kind, r.len, r.fwd_s, r.fwd_bwd_s, r.peak_fwd, r.peak_fwd_bwd, args.heads, args.d, args.chunk,
             if i + 1 < rows.len() { "," } else { "" }
         );

@@ -14,9 +14,10 @@ const ROUNDS: usize = 2;
 /// - the caller's tensors, per head: qk, v, out, d_out, d_qk, d_v   6·d
 /// - saved state, per head: bucket and logsumexp per round           2·rounds
 /// - the one head being worked on (heads run in turn): 5 sorted gradient buffers (d_q, and
-///   own/look-back d_k and d_v); the forward needs only one sorted output buffer     5·d
+///   own/look-back d_k and d_v; the forward needs only one sorted output buffer)    5·d
 /// - that head's per-position scalars (logsumexps, deltas, permutations, masks)      10
-/// plus the per-chunk tiles (gathered rows and scores), O(chunk·(d + chunk)) per worker
+///
+/// Plus the per-chunk tiles (gathered rows and scores), O(chunk·(d + chunk)) per worker
 /// thread (64 threads allowed for).
 fn bound(len: usize) -> usize {
     let words = HEADS * len * (6 * D + 2 * ROUNDS) + len * (5 * D + 10);

@@ -359,6 +359,7 @@ fn log_add_exp(a: f64, b: f64) -> f64 {
 /// LSH attention backward: from the forward's inputs, its output `out`, the output gradient
 /// `d_out` and `saved`, returns `(d_qk, d_v)`. Scores are recomputed with the buckets the
 /// forward pass used; nothing of size `N × 2m × rounds` is held at once.
+#[allow(clippy::too_many_arguments)]
 pub fn lsh_attention_backward(
     qk: &Tensor,
     v: &Tensor,
