@@ -130,3 +130,55 @@ fn padded_keys_are_ignored_by_every_kind() {
         );
     }
 }
+
+#[test]
+fn bad_inputs_are_typed_errors_not_panics() {
+    let pool = MemoryPool::unlimited();
+    let mut rng = Rng::new(23);
+    let qk = randn(&pool, &[HEADS, LEN, D], 1.0, &mut rng);
+    let v = randn(&pool, &[HEADS, LEN, D], 1.0, &mut rng);
+    let short_v = randn(&pool, &[HEADS, LEN - 1, D], 1.0, &mut rng);
+    let rot = Rotations::random(D, 1, Buckets::Single(4), &mut rng).unwrap();
+    let zero_chunk = LshConfig {
+        chunk_len: 0,
+        causal: true,
+    };
+    assert!(matches!(
+        lsh_attention_forward(&qk, &v, &rot, &zero_chunk, None),
+        Err(AttentionError::Config(_))
+    ));
+    let cfg = LshConfig {
+        chunk_len: 8,
+        causal: true,
+    };
+    assert!(matches!(
+        lsh_attention_forward(&qk, &short_v, &rot, &cfg, None),
+        Err(AttentionError::Shape { .. })
+    ));
+    let wrong_mask = vec![true; LEN + 1];
+    assert!(matches!(
+        lsh_attention_forward(&qk, &v, &rot, &cfg, Some(&wrong_mask)),
+        Err(AttentionError::Shape { .. })
+    ));
+    let rot_d = Rotations::random(D + 1, 1, Buckets::Single(4), &mut rng).unwrap();
+    assert!(matches!(
+        lsh_attention_forward(&qk, &v, &rot_d, &cfg, None),
+        Err(AttentionError::Shape { .. })
+    ));
+    assert!(matches!(
+        Rotations::random(D, 1, Buckets::Single(3), &mut rng),
+        Err(AttentionError::Config(_))
+    ));
+    // A length that is not a multiple of the chunk is served (padded inside).
+    assert!(lsh_attention_forward(
+        &qk,
+        &v,
+        &rot,
+        &LshConfig {
+            chunk_len: 10,
+            causal: true
+        },
+        None
+    )
+    .is_ok());
+}

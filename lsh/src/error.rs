@@ -12,12 +12,6 @@ pub enum AttentionError {
         got: Vec<usize>,
         expected: Vec<usize>,
     },
-    #[error("sequence length {len} cannot be served with chunk length {chunk}; the nearest valid length is {nearest}")]
-    Length {
-        len: usize,
-        chunk: usize,
-        nearest: usize,
-    },
     #[error("invalid attention configuration: {0}")]
     Config(String),
 }

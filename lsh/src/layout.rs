@@ -75,11 +75,9 @@ impl<'a> KeyMask<'a> {
 /// masked inside).
 pub fn check_chunk(chunk: usize, len: usize) -> Result<()> {
     if chunk == 0 {
-        return Err(AttentionError::Length {
-            len,
-            chunk,
-            nearest: len,
-        });
+        return Err(AttentionError::Config(format!(
+            "chunk length must be positive (sequence length {len}); the presets use 64"
+        )));
     }
     Ok(())
 }
