@@ -19,7 +19,6 @@ pub mod data;
 pub mod embedding;
 pub mod error;
 pub mod generate;
-pub mod layer_norm;
 pub mod lm_head;
 pub mod model;
 pub mod optim;

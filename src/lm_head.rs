@@ -10,10 +10,10 @@
 use rayon::prelude::*;
 use reformer_engine::matmul::{gemm, Par};
 use reformer_engine::{MemoryPool, Rng, Tensor};
+use reformer_reversible::LayerNorm;
 
 use crate::config::VOCAB;
 use crate::error::{ReformerError, Result};
-use crate::layer_norm::LayerNorm;
 use crate::param::{param_randn, HasParams, Param};
 
 #[derive(Debug)]
@@ -97,7 +97,7 @@ impl LmHead {
             row[d..].copy_from_slice(&y2[p * d..(p + 1) * d]);
         }
         let hn = &mut s.hn.data_mut()[..rows * w];
-        self.norm.forward(h, hn);
+        self.norm.forward_rows(h, hn)?;
         let logits = &mut s.logits.data_mut()[..rows * VOCAB];
         let bias = self.bias.value.data();
         for row in logits.chunks_mut(VOCAB) {
@@ -218,7 +218,9 @@ impl LmHead {
                 Par::Rayon,
             )?;
             let dh = &mut dh.data_mut()[..rows * w];
-            self.norm.backward(&s.h.data()[..rows * w], dhn, dh);
+            dh.fill(0.0);
+            self.norm
+                .backward_rows(pool, &s.h.data()[..rows * w], dhn, dh)?;
             let (d1, d2) = (dy1.data_mut(), dy2.data_mut());
             for (r, row) in dh.chunks(w).enumerate() {
                 let p = start + r;

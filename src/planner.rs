@@ -208,6 +208,7 @@ impl MemoryPlan {
                 sim.talloc(format!("head d LN [{c}, {w2}]"), sim.act(c * w2)),
                 sim.talloc(format!("head d concat [{c}, {w2}]"), sim.act(c * w2)),
             ];
+            ln_backward(&mut sim, c, w2);
             sim.free_all(&s);
 
             // ReversibleStack::backward_full: layers in reverse; block.backward = feed-forward
