@@ -30,6 +30,12 @@ impl Rng {
         }
     }
 
+    /// The generator's four state words (what a GPU kernel needs to replay [`Rng::fork`] and
+    /// [`Rng::uniform`] bit for bit).
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+
     /// An independent stream derived from this seed and a label (e.g. a layer index).
     pub fn fork(&self, label: u64) -> Rng {
         let mut x = self.s[0] ^ label.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ self.s[3];

@@ -41,6 +41,12 @@ impl Dropout {
         self.rate
     }
 
+    /// State words of the base generator; row `r`'s mask is drawn from `base.fork(r)`, so
+    /// these (words 0 and 3 suffice) let a GPU kernel replay the mask exactly.
+    pub fn base_state(&self) -> [u64; 4] {
+        self.base.state()
+    }
+
     /// Multiplies the rows `first_row..` of a `width`-wide block `data` by the mask divided by
     /// `1 − rate`, in place. The backward pass applies the same call to the gradient.
     pub fn apply(&self, data: &mut [f32], width: usize, first_row: usize) {
