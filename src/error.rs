@@ -17,6 +17,8 @@ pub enum ReformerError {
     #[error(transparent)]
     Reversible(#[from] reformer_reversible::ReversibleError),
     #[error(transparent)]
+    Kernels(#[from] reformer_kernels::KernelsError),
+    #[error(transparent)]
     Data(#[from] DataError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),

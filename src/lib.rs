@@ -3,6 +3,7 @@
 //! pipeline, checkpoints and sampling. See DESIGN.md for the semantics the tests pin down.
 //!
 //! * [`config`]: model configs and the named presets (`tiny`, `cp6`, `deep20`, `wide20`).
+//! * [`device`]: the same model on a device backend — CUDA kernels, or their CPU twins.
 //! * [`model`]: embedding + axial positions → reversible stack → chunked LM head and loss.
 //! * [`optim`]: Adam, warmup + cosine schedule, global-norm clipping.
 //! * [`data`]: any file as bytes, train/validation split, seeded windows.
@@ -16,6 +17,7 @@ pub mod axial;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod embedding;
 pub mod error;
 pub mod generate;

@@ -143,6 +143,24 @@ impl Group {
     }
 }
 
+/// The rotations layer `layer` with config `cfg` hashes with at `ctx.step` for sequences of
+/// length `len`: a pure function of `(cfg.seed, ctx.step, layer)`, so any backend (the GPU
+/// mirror of the model included) hashes exactly as [`AttentionLayer`] does.
+pub fn layer_rotations(
+    cfg: &LayerConfig,
+    layer: usize,
+    len: usize,
+    ctx: &StepContext,
+) -> Result<Rotations> {
+    let mut rng = derive(cfg.seed, &[DOMAIN_ROTATIONS, ctx.step, layer as u64]);
+    Ok(Rotations::random(
+        cfg.d_head,
+        cfg.n_rounds,
+        cfg.buckets_for(len),
+        &mut rng,
+    )?)
+}
+
 /// Row blocks `(r0, rows)` of `total` positions, `chunk` at a time.
 fn blocks(total: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..total)
@@ -204,16 +222,7 @@ impl AttentionLayer {
     /// The rotations this layer hashes with at `ctx.step` for sequences of length `len`.
     /// Round `r`'s rotation does not depend on the number of rounds.
     pub fn rotations(&self, len: usize, ctx: &StepContext) -> Result<Rotations> {
-        let mut rng = derive(
-            self.cfg.seed,
-            &[DOMAIN_ROTATIONS, ctx.step, self.layer as u64],
-        );
-        Ok(Rotations::random(
-            self.cfg.d_head,
-            self.cfg.n_rounds,
-            self.cfg.buckets_for(len),
-            &mut rng,
-        )?)
+        layer_rotations(&self.cfg, self.layer, len, ctx)
     }
 
     /// For an LSH layer, the rotations of this call (shared by every head group) and their

@@ -35,7 +35,7 @@ pub mod params;
 mod seed;
 pub mod stack;
 
-pub use attention_layer::AttentionLayer;
+pub use attention_layer::{layer_rotations, AttentionLayer};
 pub use block::{BlockBackward, BlockInputs, ReversibleBlock};
 pub use config::{AttentionKind, LayerConfig, StepContext};
 pub use dropout::{Dropout, Site};

@@ -1,0 +1,309 @@
+//! What a device must provide to run the model: buffers, row copies, dense products, the
+//! position-wise ops and the three attention kinds. [`super::HostBackend`] implements it on
+//! the CPU (the twins of the kernels, used to test the device model's orchestration on any
+//! machine); [`super::CudaBackend`] with the hand-written kernels and cuBLAS.
+//!
+//! Buffers are flat `f32` arrays. A call may use a prefix of a longer buffer (chunk scratch is
+//! sized for the largest chunk), never more; 2-D views are `(offset, ld)` pairs ([`Strided`]).
+//! Every "accumulate" gradient op adds into its output.
+
+use reformer_lsh::Rotations;
+use reformer_reversible::Dropout;
+
+use crate::error::Result;
+
+/// A 2-D view into a buffer: element `(r, c)` lives at `offset + r·ld + c`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strided {
+    pub offset: usize,
+    pub ld: usize,
+}
+
+impl Strided {
+    pub fn new(offset: usize, ld: usize) -> Self {
+        Self { offset, ld }
+    }
+
+    /// Index one past the last element of a `rows × cols` view (0 when empty).
+    pub fn end(&self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            self.offset + (rows - 1) * self.ld + cols
+        }
+    }
+}
+
+/// `[heads, len, d]` of one attention call (heads of a group, batch folded in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadShape {
+    pub heads: usize,
+    pub len: usize,
+    pub d: usize,
+}
+
+impl HeadShape {
+    pub fn numel(&self) -> usize {
+        self.heads * self.len * self.d
+    }
+    pub fn dims(&self) -> [usize; 3] {
+        [self.heads, self.len, self.d]
+    }
+}
+
+/// Axial position tables: `e1` `[a1, d1]`, `e2` `[a2, d2]`, position `p` gets
+/// `concat(e1[p / a2], e2[p % a2])`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AxialTables {
+    pub a1: usize,
+    pub a2: usize,
+    pub d1: usize,
+    pub d2: usize,
+}
+
+/// One Adam update (clipping already folded into `clip`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamHp {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1-based update count.
+    pub step: u64,
+    /// Factor applied to the gradient first (global-norm clipping; 1 for none).
+    pub clip: f32,
+}
+
+/// The device operations the model is written against.
+pub trait Backend {
+    /// A flat `f32` buffer on the device.
+    type Buf;
+    /// What the LSH forward keeps for its backward (buckets and per-round logsumexps).
+    type LshSaved;
+
+    /// One line naming the device.
+    fn describe(&self) -> String;
+
+    /// A buffer of `shape` (its product elements), contents unspecified (NaN in tests).
+    fn alloc(&self, shape: &[usize]) -> Result<Self::Buf>;
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Buf>;
+    fn upload(&self, shape: &[usize], host: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
+    /// Bytes the device's pool holds now and at its peak.
+    fn live_bytes(&self) -> usize;
+    fn peak_bytes(&self) -> usize;
+
+    /// `dst(r, c) = (accumulate ? dst(r, c) : 0) + alpha · src(r, c)`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy2d(
+        &self,
+        src: &Self::Buf,
+        s: Strided,
+        dst: &mut Self::Buf,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    /// Row-major `c[m×n] = (accumulate ? c : 0) + op(a)[m×k] · op(b)[k×n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        c: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    /// `y = LN(x)` over `rows × cols`, storing each row's mean and `1/sqrt(var + eps)`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_forward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    /// `dx = LN'(x)ᵀ dy` (overwritten); `dgamma`, `dbeta` accumulate.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize)
+        -> Result<()>;
+    /// `out[c] += Σ_r x[r, c]`.
+    fn column_sums_acc(
+        &self,
+        x: &Self::Buf,
+        out: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    fn relu_in_place(&self, x: &mut Self::Buf, n: usize) -> Result<()>;
+    /// `g = h > 0 ? g : 0`.
+    fn relu_mask_in_place(&self, h: &Self::Buf, g: &mut Self::Buf, n: usize) -> Result<()>;
+    /// The CPU's dropout mask for rows `first_row..` applied to `rows × cols` of `x`.
+    fn dropout_rows(
+        &self,
+        x: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+        first_row: usize,
+        mask: &Dropout,
+    ) -> Result<()>;
+
+    /// `out[i, :] = table[tokens[i], :]`.
+    fn embed(
+        &self,
+        tokens: &[u8],
+        table: &Self::Buf,
+        out: &mut Self::Buf,
+        dim: usize,
+    ) -> Result<()>;
+    /// `dtable[v, :] += Σ_{tokens[i] = v} dout[i, :]`.
+    fn embed_backward(
+        &self,
+        tokens: &[u8],
+        dout: &Self::Buf,
+        dtable: &mut Self::Buf,
+        dim: usize,
+    ) -> Result<()>;
+    /// `out[p, :] += concat(e1[p / a2], e2[p % a2])` for `p < n`.
+    fn axial_forward_add(
+        &self,
+        e1: &Self::Buf,
+        e2: &Self::Buf,
+        out: &mut Self::Buf,
+        n: usize,
+        t: AxialTables,
+    ) -> Result<()>;
+    /// The tables' gradients, accumulated.
+    fn axial_backward(
+        &self,
+        dout: &Self::Buf,
+        de1: &mut Self::Buf,
+        de2: &mut Self::Buf,
+        n: usize,
+        t: AxialTables,
+    ) -> Result<()>;
+
+    /// Cross-entropy of `targets.len()` rows of `vocab`-wide logits against `targets`:
+    /// returns each row's loss; with `grad_scale`, replaces the logits by
+    /// `grad_scale · (softmax − onehot)`.
+    fn cross_entropy(
+        &self,
+        logits: &mut Self::Buf,
+        targets: &[u8],
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>>;
+
+    /// `Σ_i x_i²` over every buffer.
+    fn sum_squares(&self, bufs: &[&Self::Buf]) -> Result<f64>;
+    fn adam_update(
+        &self,
+        param: &mut Self::Buf,
+        grad: &mut Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        hp: &AdamHp,
+    ) -> Result<()>;
+
+    /// Shared-QK LSH attention on head-layout `qk`, `v`: `(out, saved)`.
+    fn lsh_forward(
+        &self,
+        qk: &Self::Buf,
+        v: &Self::Buf,
+        shape: HeadShape,
+        rot: &Rotations,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Self::Buf, Self::LshSaved)>;
+    /// `(d_qk, d_v)`.
+    #[allow(clippy::too_many_arguments)]
+    fn lsh_backward(
+        &self,
+        qk: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        d_out: &Self::Buf,
+        saved: &Self::LshSaved,
+        shape: HeadShape,
+        rot: &Rotations,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// Chunked local attention: `(out, lse)`.
+    #[allow(clippy::too_many_arguments)]
+    fn local_forward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: HeadShape,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// `(d_q, d_k, d_v)`.
+    #[allow(clippy::too_many_arguments)]
+    fn local_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        d_out: &Self::Buf,
+        shape: HeadShape,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// Exact shared-QK attention (unit keys, self penalty): `(out, lse)`.
+    fn exact_forward(
+        &self,
+        qk: &Self::Buf,
+        v: &Self::Buf,
+        shape: HeadShape,
+        causal: bool,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// `(d_qk, d_v)`.
+    #[allow(clippy::too_many_arguments)]
+    fn exact_backward(
+        &self,
+        qk: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        d_out: &Self::Buf,
+        shape: HeadShape,
+        causal: bool,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+
+    /// Waits for queued work (a no-op on the CPU); for timing.
+    fn synchronize(&self) -> Result<()>;
+}

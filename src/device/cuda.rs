@@ -1,0 +1,515 @@
+//! The CUDA backend: every [`Backend`] op is one of the hand-written kernels of
+//! `reformer-kernels` (or a cuBLAS product), on buffers from the context's budgeted pool.
+
+use reformer_kernels::gpu::attention::{
+    exact_shared_qk_backward, exact_shared_qk_forward, local_attention_backward,
+    local_attention_forward, lsh_attention_backward, lsh_attention_forward, AttnDims,
+    GpuLocalConfig, GpuLshConfig, GpuLshSaved, LshBuckets,
+};
+use reformer_kernels::gpu::ops::embedding::{self, AxialShape};
+use reformer_kernels::gpu::ops::layer_norm::{self, LayerNormGrads};
+use reformer_kernels::gpu::ops::reduce_adam::{self, AdamStep};
+use reformer_kernels::gpu::ops::rows::{self, Strided as KStrided};
+use reformer_kernels::gpu::ops::{elementwise, matmul, softmax_xent};
+use reformer_kernels::gpu::{DeviceBuffer, GpuContext};
+use reformer_lsh::{Buckets, Rotations};
+use reformer_reversible::layer_norm::LN_EPS;
+use reformer_reversible::Dropout;
+
+use super::backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
+use crate::error::{ReformerError, Result};
+
+type Buf = DeviceBuffer<f32>;
+
+/// The GPU behind a [`GpuContext`].
+pub struct CudaBackend {
+    ctx: GpuContext,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.describe())
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// Device `ordinal` with a pool budget of `budget` bytes (`None`: no budget beyond the
+    /// card's memory). Fails with a typed error, never a panic, where there is no GPU.
+    pub fn new(ordinal: usize, budget: Option<usize>) -> Result<Self> {
+        let ctx = match budget {
+            Some(b) => GpuContext::with_budget(ordinal, b)?,
+            None => GpuContext::new(ordinal)?,
+        };
+        Ok(Self { ctx })
+    }
+
+    pub fn from_context(ctx: GpuContext) -> Self {
+        Self { ctx }
+    }
+
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+}
+
+fn k(s: Strided) -> KStrided {
+    KStrided::new(s.offset, s.ld)
+}
+
+fn dims(s: HeadShape) -> AttnDims {
+    AttnDims::new(s.heads, s.len, s.d)
+}
+
+fn lsh_config(rot: &Rotations, chunk: usize, causal: bool) -> GpuLshConfig {
+    let buckets = match rot.buckets {
+        Buckets::Single(b) => LshBuckets::single(b),
+        Buckets::Factorised(b1, b2) => LshBuckets::factorised(b1, b2),
+    };
+    GpuLshConfig {
+        buckets,
+        n_rounds: rot.n_rounds,
+        chunk_len: chunk,
+        causal,
+    }
+}
+
+fn ids(tokens: &[u8]) -> Vec<u32> {
+    tokens.iter().map(|&t| t as u32).collect()
+}
+
+impl Backend for CudaBackend {
+    type Buf = Buf;
+    type LshSaved = GpuLshSaved;
+
+    fn describe(&self) -> String {
+        let i = self.ctx.info();
+        format!("cuda:{} {} ({})", i.ordinal, i.name, self.ctx.arch())
+    }
+
+    fn alloc(&self, shape: &[usize]) -> Result<Buf> {
+        Ok(self.ctx.alloc::<f32>(shape.iter().product())?)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Buf> {
+        Ok(self.ctx.alloc_zeros::<f32>(shape.iter().product())?)
+    }
+
+    fn upload(&self, shape: &[usize], host: &[f32]) -> Result<Buf> {
+        let n: usize = shape.iter().product();
+        if n != host.len() {
+            return Err(ReformerError::InvalidArgument(format!(
+                "upload of {} values as shape {shape:?}",
+                host.len()
+            )));
+        }
+        Ok(self.ctx.upload(host)?)
+    }
+
+    fn download(&self, buf: &Buf) -> Result<Vec<f32>> {
+        Ok(self.ctx.download(buf)?)
+    }
+
+    fn len(&self, buf: &Buf) -> usize {
+        buf.len()
+    }
+
+    fn fill(&self, buf: &mut Buf, value: f32) -> Result<()> {
+        Ok(elementwise::fill(&self.ctx, buf, value)?)
+    }
+
+    fn live_bytes(&self) -> usize {
+        self.ctx.pool().live_bytes()
+    }
+
+    fn peak_bytes(&self) -> usize {
+        self.ctx.pool().peak_bytes()
+    }
+
+    fn copy2d(
+        &self,
+        src: &Buf,
+        s: Strided,
+        dst: &mut Buf,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        Ok(rows::copy2d(
+            &self.ctx,
+            src,
+            k(s),
+            dst,
+            k(d),
+            rows,
+            cols,
+            alpha,
+            accumulate,
+        )?)
+    }
+
+    fn gemm(
+        &self,
+        c: &mut Buf,
+        a: &Buf,
+        b: &Buf,
+        m: usize,
+        kk: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        Ok(matmul::gemm(
+            &self.ctx, c, a, b, m, kk, n, ta, tb, accumulate,
+        )?)
+    }
+
+    fn layer_norm_forward(
+        &self,
+        x: &Buf,
+        gamma: &Buf,
+        beta: &Buf,
+        y: &mut Buf,
+        mean: &mut Buf,
+        rstd: &mut Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        Ok(layer_norm::forward(
+            &self.ctx,
+            x,
+            gamma,
+            beta,
+            y,
+            Some((mean, rstd)),
+            rows,
+            cols,
+            LN_EPS,
+        )?)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &Buf,
+        gamma: &Buf,
+        mean: &Buf,
+        rstd: &Buf,
+        dy: &Buf,
+        dx: &mut Buf,
+        dgamma: &mut Buf,
+        dbeta: &mut Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let grads = LayerNormGrads {
+            dx,
+            dgamma,
+            dbeta,
+            accumulate_dx: false,
+            accumulate_params: true,
+        };
+        Ok(layer_norm::backward(
+            &self.ctx, x, gamma, mean, rstd, dy, grads, rows, cols,
+        )?)
+    }
+
+    fn add_bias(&self, x: &mut Buf, bias: &Buf, rows: usize, cols: usize) -> Result<()> {
+        Ok(rows::add_bias(&self.ctx, x, bias, rows, cols)?)
+    }
+
+    fn column_sums_acc(&self, x: &Buf, out: &mut Buf, rows: usize, cols: usize) -> Result<()> {
+        Ok(rows::column_sums(&self.ctx, x, out, rows, cols, true)?)
+    }
+
+    fn relu_in_place(&self, x: &mut Buf, n: usize) -> Result<()> {
+        Ok(rows::relu_in_place(&self.ctx, x, n)?)
+    }
+
+    fn relu_mask_in_place(&self, h: &Buf, g: &mut Buf, n: usize) -> Result<()> {
+        Ok(rows::relu_mask_in_place(&self.ctx, h, g, n)?)
+    }
+
+    fn dropout_rows(
+        &self,
+        x: &mut Buf,
+        rows: usize,
+        cols: usize,
+        first_row: usize,
+        mask: &Dropout,
+    ) -> Result<()> {
+        let s = mask.base_state();
+        Ok(rows::dropout_rows(
+            &self.ctx,
+            x,
+            rows,
+            cols,
+            first_row as u64,
+            mask.rate(),
+            s[0],
+            s[3],
+        )?)
+    }
+
+    fn embed(&self, tokens: &[u8], table: &Buf, out: &mut Buf, dim: usize) -> Result<()> {
+        let t = self.ctx.upload(&ids(tokens))?;
+        Ok(embedding::forward(
+            &self.ctx,
+            &t,
+            table,
+            out,
+            tokens.len(),
+            dim,
+            crate::config::VOCAB,
+            false,
+        )?)
+    }
+
+    fn embed_backward(
+        &self,
+        tokens: &[u8],
+        dout: &Buf,
+        dtable: &mut Buf,
+        dim: usize,
+    ) -> Result<()> {
+        let t = self.ctx.upload(&ids(tokens))?;
+        Ok(embedding::backward(
+            &self.ctx,
+            &t,
+            dout,
+            dtable,
+            tokens.len(),
+            dim,
+            crate::config::VOCAB,
+            true,
+        )?)
+    }
+
+    fn axial_forward_add(
+        &self,
+        e1: &Buf,
+        e2: &Buf,
+        out: &mut Buf,
+        n: usize,
+        t: AxialTables,
+    ) -> Result<()> {
+        let shape = AxialShape {
+            a1: t.a1,
+            a2: t.a2,
+            d1: t.d1,
+            d2: t.d2,
+        };
+        Ok(embedding::axial_forward(
+            &self.ctx, e1, e2, out, n, shape, true,
+        )?)
+    }
+
+    fn axial_backward(
+        &self,
+        dout: &Buf,
+        de1: &mut Buf,
+        de2: &mut Buf,
+        n: usize,
+        t: AxialTables,
+    ) -> Result<()> {
+        let shape = AxialShape {
+            a1: t.a1,
+            a2: t.a2,
+            d1: t.d1,
+            d2: t.d2,
+        };
+        Ok(embedding::axial_backward(
+            &self.ctx, dout, de1, de2, n, shape, true,
+        )?)
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut Buf,
+        targets: &[u8],
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        let rows = targets.len();
+        let t = self.ctx.upload(&ids(targets))?;
+        let mut loss = self.ctx.alloc::<f32>(rows)?;
+        let mut lse = self.ctx.alloc::<f32>(rows)?;
+        softmax_xent::forward(&self.ctx, logits, &t, &mut loss, &mut lse, rows, vocab)?;
+        if let Some(scale) = grad_scale {
+            softmax_xent::backward_in_place(&self.ctx, logits, &t, &lse, rows, vocab, scale)?;
+        }
+        Ok(self.ctx.download(&loss)?)
+    }
+
+    fn sum_squares(&self, bufs: &[&Buf]) -> Result<f64> {
+        let mut out = self.ctx.alloc::<f32>(1)?;
+        reduce_adam::sum_squares(&self.ctx, bufs, &mut out)?;
+        let v = self.ctx.download(&out)?;
+        Ok(v.first().copied().unwrap_or(f32::NAN) as f64)
+    }
+
+    fn adam_update(
+        &self,
+        param: &mut Buf,
+        grad: &mut Buf,
+        m: &mut Buf,
+        v: &mut Buf,
+        hp: &AdamHp,
+    ) -> Result<()> {
+        if hp.clip != 1.0 {
+            elementwise::scale_in_place(&self.ctx, grad, hp.clip)?;
+        }
+        let step = AdamStep {
+            lr: hp.lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            weight_decay: 0.0,
+            max_norm: 0.0,
+            step: u32::try_from(hp.step).unwrap_or(u32::MAX),
+        };
+        Ok(reduce_adam::adam_update(
+            &self.ctx, param, grad, m, v, &step, None,
+        )?)
+    }
+
+    fn lsh_forward(
+        &self,
+        qk: &Buf,
+        v: &Buf,
+        shape: HeadShape,
+        rot: &Rotations,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Buf, GpuLshSaved)> {
+        let cfg = lsh_config(rot, chunk, causal);
+        Ok(lsh_attention_forward(
+            &self.ctx,
+            qk,
+            v,
+            dims(shape),
+            &rot.data,
+            &cfg,
+            None,
+        )?)
+    }
+
+    fn lsh_backward(
+        &self,
+        qk: &Buf,
+        v: &Buf,
+        out: &Buf,
+        d_out: &Buf,
+        saved: &GpuLshSaved,
+        _shape: HeadShape,
+        rot: &Rotations,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Buf, Buf)> {
+        let cfg = lsh_config(rot, chunk, causal);
+        Ok(lsh_attention_backward(
+            &self.ctx, qk, v, out, d_out, saved, &cfg, None,
+        )?)
+    }
+
+    fn local_forward(
+        &self,
+        q: &Buf,
+        kk: &Buf,
+        v: &Buf,
+        shape: HeadShape,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Buf, Buf)> {
+        let cfg = GpuLocalConfig {
+            chunk_len: chunk,
+            causal,
+        };
+        Ok(local_attention_forward(
+            &self.ctx,
+            q,
+            kk,
+            v,
+            dims(shape),
+            &cfg,
+            None,
+        )?)
+    }
+
+    fn local_backward(
+        &self,
+        q: &Buf,
+        kk: &Buf,
+        v: &Buf,
+        out: &Buf,
+        lse: &Buf,
+        d_out: &Buf,
+        shape: HeadShape,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Buf, Buf, Buf)> {
+        let cfg = GpuLocalConfig {
+            chunk_len: chunk,
+            causal,
+        };
+        Ok(local_attention_backward(
+            &self.ctx,
+            q,
+            kk,
+            v,
+            out,
+            lse,
+            d_out,
+            dims(shape),
+            &cfg,
+            None,
+        )?)
+    }
+
+    fn exact_forward(
+        &self,
+        qk: &Buf,
+        v: &Buf,
+        shape: HeadShape,
+        causal: bool,
+    ) -> Result<(Buf, Buf)> {
+        Ok(exact_shared_qk_forward(
+            &self.ctx,
+            qk,
+            v,
+            dims(shape),
+            causal,
+            None,
+        )?)
+    }
+
+    fn exact_backward(
+        &self,
+        qk: &Buf,
+        v: &Buf,
+        out: &Buf,
+        lse: &Buf,
+        d_out: &Buf,
+        shape: HeadShape,
+        causal: bool,
+    ) -> Result<(Buf, Buf)> {
+        Ok(exact_shared_qk_backward(
+            &self.ctx,
+            qk,
+            v,
+            out,
+            lse,
+            d_out,
+            dims(shape),
+            causal,
+            None,
+        )?)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(self.ctx.synchronize()?)
+    }
+}

@@ -1,0 +1,621 @@
+//! The CPU twin of the CUDA backend: every [`Backend`] op on host memory, with the same
+//! formulas as the kernels (and, where one exists, the CPU model's own function), so the
+//! device model's orchestration — chunking, head layouts, reconstruction, gradient flow — is
+//! tested on any machine against the reference model in `reformer-reversible`.
+//!
+//! Buffers are engine [`Tensor`]s drawn from one [`MemoryPool`], so the pool's peak is the
+//! peak the same program holds on a GPU (the kernels' own scratch aside).
+
+use rayon::prelude::*;
+use reformer_engine::matmul::{gemm, Par};
+use reformer_engine::{MemoryPool, Tensor};
+use reformer_lsh::{
+    exact_attention_backward, exact_attention_forward, local_attention_backward,
+    local_attention_forward, lsh_attention_backward, lsh_attention_forward, shared_qk_grad,
+    shared_qk_rule, unit_keys, LocalConfig, LshConfig, LshSaved, Rotations,
+};
+use reformer_reversible::layer_norm::LN_EPS;
+use reformer_reversible::Dropout;
+
+use super::backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
+use crate::error::{ReformerError, Result};
+
+/// The host backend: buffers from `pool`.
+#[derive(Debug, Clone)]
+pub struct HostBackend {
+    pool: MemoryPool,
+    /// Fill new buffers with NaN (tests: a read of an unwritten element shows).
+    poison: bool,
+}
+
+impl HostBackend {
+    pub fn new(pool: &MemoryPool) -> Self {
+        Self {
+            pool: pool.clone(),
+            poison: false,
+        }
+    }
+
+    /// New buffers start as NaN.
+    pub fn poisoned(pool: &MemoryPool) -> Self {
+        Self {
+            pool: pool.clone(),
+            poison: true,
+        }
+    }
+
+    pub fn pool(&self) -> &MemoryPool {
+        &self.pool
+    }
+}
+
+fn bad(msg: String) -> ReformerError {
+    ReformerError::InvalidArgument(msg)
+}
+
+fn need(op: &str, what: &str, len: usize, needed: usize) -> Result<()> {
+    if len < needed {
+        return Err(bad(format!(
+            "{op}: {what} holds {len} elements, the call needs {needed}"
+        )));
+    }
+    Ok(())
+}
+
+/// `t` seen with `shape`: borrowed when it already has it (buffers the device model allocates
+/// for attention do), else a copy of its first `shape.numel()` elements.
+enum Shaped<'a> {
+    Borrowed(&'a Tensor),
+    Owned(Tensor),
+}
+
+impl std::ops::Deref for Shaped<'_> {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        match self {
+            Shaped::Borrowed(t) => t,
+            Shaped::Owned(t) => t,
+        }
+    }
+}
+
+fn shaped(t: &Tensor, shape: HeadShape) -> Result<Shaped<'_>> {
+    need("attention", "input", t.numel(), shape.numel())?;
+    if t.shape() == shape.dims() {
+        return Ok(Shaped::Borrowed(t));
+    }
+    Ok(Shaped::Owned(Tensor::from_vec(
+        t.pool(),
+        &shape.dims(),
+        t.data()[..shape.numel()].to_vec(),
+    )?))
+}
+
+fn row_stats(x: &[f32]) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + LN_EPS).sqrt())
+}
+
+impl Backend for HostBackend {
+    type Buf = Tensor;
+    type LshSaved = LshSaved;
+
+    fn describe(&self) -> String {
+        "cpu (host backend)".into()
+    }
+
+    fn alloc(&self, shape: &[usize]) -> Result<Tensor> {
+        let v = if self.poison { f32::NAN } else { 0.0 };
+        Ok(Tensor::full(&self.pool, shape, v)?)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::zeros(&self.pool, shape)?)
+    }
+
+    fn upload(&self, shape: &[usize], host: &[f32]) -> Result<Tensor> {
+        Ok(Tensor::from_vec(&self.pool, shape, host.to_vec())?)
+    }
+
+    fn download(&self, buf: &Tensor) -> Result<Vec<f32>> {
+        Ok(buf.to_vec())
+    }
+
+    fn len(&self, buf: &Tensor) -> usize {
+        buf.numel()
+    }
+
+    fn fill(&self, buf: &mut Tensor, value: f32) -> Result<()> {
+        buf.data_mut().fill(value);
+        Ok(())
+    }
+
+    fn live_bytes(&self) -> usize {
+        self.pool.live_bytes()
+    }
+
+    fn peak_bytes(&self) -> usize {
+        self.pool.peak_bytes()
+    }
+
+    fn copy2d(
+        &self,
+        src: &Tensor,
+        s: Strided,
+        dst: &mut Tensor,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        need("copy2d", "src", src.numel(), s.end(rows, cols))?;
+        need("copy2d", "dst", dst.numel(), d.end(rows, cols))?;
+        let (src, dst) = (src.data(), dst.data_mut());
+        for r in 0..rows {
+            let a = &src[s.offset + r * s.ld..s.offset + r * s.ld + cols];
+            let b = &mut dst[d.offset + r * d.ld..d.offset + r * d.ld + cols];
+            for (y, &x) in b.iter_mut().zip(a) {
+                *y = if accumulate {
+                    *y + alpha * x
+                } else {
+                    alpha * x
+                };
+            }
+        }
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        m: usize,
+        k: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        need("gemm", "a", a.numel(), m * k)?;
+        need("gemm", "b", b.numel(), k * n)?;
+        need("gemm", "c", c.numel(), m * n)?;
+        gemm(
+            &mut c.data_mut()[..m * n],
+            &a.data()[..m * k],
+            &b.data()[..k * n],
+            m,
+            k,
+            n,
+            ta,
+            tb,
+            accumulate,
+            Par::Rayon,
+        )?;
+        Ok(())
+    }
+
+    fn layer_norm_forward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        y: &mut Tensor,
+        mean: &mut Tensor,
+        rstd: &mut Tensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let n = rows * cols;
+        need("layer_norm", "x", x.numel(), n)?;
+        need("layer_norm", "y", y.numel(), n)?;
+        need("layer_norm", "gamma", gamma.numel(), cols)?;
+        need("layer_norm", "stats", mean.numel().min(rstd.numel()), rows)?;
+        let (x, g, b) = (x.data(), gamma.data(), beta.data());
+        let (mean, rstd) = (mean.data_mut(), rstd.data_mut());
+        y.data_mut()[..n]
+            .par_chunks_mut(cols)
+            .zip(mean[..rows].par_iter_mut().zip(rstd[..rows].par_iter_mut()))
+            .enumerate()
+            .for_each(|(r, (y, (m, s)))| {
+                let x = &x[r * cols..(r + 1) * cols];
+                (*m, *s) = row_stats(x);
+                for j in 0..cols {
+                    y[j] = (x[j] - *m) * *s * g[j] + b[j];
+                }
+            });
+        Ok(())
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        dx: &mut Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let n = rows * cols;
+        for (what, len) in [("x", x.numel()), ("dy", dy.numel()), ("dx", dx.numel())] {
+            need("layer_norm_backward", what, len, n)?;
+        }
+        let (x, g, dy) = (x.data(), gamma.data(), dy.data());
+        let (mean, rstd) = (&mean.data()[..rows], &rstd.data()[..rows]);
+        dx.data_mut()[..n]
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, dx)| {
+                let (x, dy) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+                let (m, s) = (mean[r], rstd[r]);
+                let (mut s1, mut s2) = (0.0f32, 0.0f32);
+                for j in 0..cols {
+                    let dxh = dy[j] * g[j];
+                    s1 += dxh;
+                    s2 += dxh * (x[j] - m) * s;
+                }
+                let (m1, m2) = (s1 / cols as f32, s2 / cols as f32);
+                for j in 0..cols {
+                    let xhat = (x[j] - m) * s;
+                    dx[j] = s * (dy[j] * g[j] - m1 - xhat * m2);
+                }
+            });
+        let (dg, db) = (dgamma.data_mut(), dbeta.data_mut());
+        for j in 0..cols {
+            let (mut ag, mut ab) = (0.0f64, 0.0f64);
+            for r in 0..rows {
+                let v = dy[r * cols + j];
+                ag += (v * (x[r * cols + j] - mean[r]) * rstd[r]) as f64;
+                ab += v as f64;
+            }
+            dg[j] += ag as f32;
+            db[j] += ab as f32;
+        }
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Tensor, bias: &Tensor, rows: usize, cols: usize) -> Result<()> {
+        need("add_bias", "x", x.numel(), rows * cols)?;
+        need("add_bias", "bias", bias.numel(), cols)?;
+        let b = &bias.data()[..cols];
+        for row in x.data_mut()[..rows * cols].chunks_mut(cols) {
+            for (y, &v) in row.iter_mut().zip(b) {
+                *y += v;
+            }
+        }
+        Ok(())
+    }
+
+    fn column_sums_acc(
+        &self,
+        x: &Tensor,
+        out: &mut Tensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        need("column_sums", "x", x.numel(), rows * cols)?;
+        need("column_sums", "out", out.numel(), cols)?;
+        let out = &mut out.data_mut()[..cols];
+        for row in x.data()[..rows * cols].chunks(cols) {
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+        Ok(())
+    }
+
+    fn relu_in_place(&self, x: &mut Tensor, n: usize) -> Result<()> {
+        need("relu", "x", x.numel(), n)?;
+        x.data_mut()[..n].iter_mut().for_each(|v| *v = v.max(0.0));
+        Ok(())
+    }
+
+    fn relu_mask_in_place(&self, h: &Tensor, g: &mut Tensor, n: usize) -> Result<()> {
+        need("relu_mask", "h", h.numel(), n)?;
+        need("relu_mask", "g", g.numel(), n)?;
+        for (g, &h) in g.data_mut()[..n].iter_mut().zip(&h.data()[..n]) {
+            if h <= 0.0 {
+                *g = 0.0;
+            }
+        }
+        Ok(())
+    }
+
+    fn dropout_rows(
+        &self,
+        x: &mut Tensor,
+        rows: usize,
+        cols: usize,
+        first_row: usize,
+        mask: &Dropout,
+    ) -> Result<()> {
+        need("dropout", "x", x.numel(), rows * cols)?;
+        mask.apply(&mut x.data_mut()[..rows * cols], cols, first_row);
+        Ok(())
+    }
+
+    fn embed(&self, tokens: &[u8], table: &Tensor, out: &mut Tensor, dim: usize) -> Result<()> {
+        need("embed", "out", out.numel(), tokens.len() * dim)?;
+        need("embed", "table", table.numel(), 256 * dim)?;
+        let t = table.data();
+        for (row, &tok) in out.data_mut().chunks_mut(dim).zip(tokens) {
+            let v = tok as usize;
+            row.copy_from_slice(&t[v * dim..(v + 1) * dim]);
+        }
+        Ok(())
+    }
+
+    fn embed_backward(
+        &self,
+        tokens: &[u8],
+        dout: &Tensor,
+        dtable: &mut Tensor,
+        dim: usize,
+    ) -> Result<()> {
+        need("embed_backward", "dout", dout.numel(), tokens.len() * dim)?;
+        need("embed_backward", "dtable", dtable.numel(), 256 * dim)?;
+        let dt = dtable.data_mut();
+        for (row, &tok) in dout.data().chunks(dim).zip(tokens) {
+            let v = tok as usize;
+            for (g, &d) in dt[v * dim..(v + 1) * dim].iter_mut().zip(row) {
+                *g += d;
+            }
+        }
+        Ok(())
+    }
+
+    fn axial_forward_add(
+        &self,
+        e1: &Tensor,
+        e2: &Tensor,
+        out: &mut Tensor,
+        n: usize,
+        t: AxialTables,
+    ) -> Result<()> {
+        let dim = t.d1 + t.d2;
+        need("axial", "out", out.numel(), n * dim)?;
+        if n > t.a1 * t.a2 {
+            return Err(bad(format!(
+                "axial: {n} positions, capacity {}",
+                t.a1 * t.a2
+            )));
+        }
+        let (e1, e2) = (e1.data(), e2.data());
+        for (p, row) in out.data_mut()[..n * dim].chunks_mut(dim).enumerate() {
+            let (i, j) = (p / t.a2, p % t.a2);
+            for (y, &v) in row[..t.d1].iter_mut().zip(&e1[i * t.d1..(i + 1) * t.d1]) {
+                *y += v;
+            }
+            for (y, &v) in row[t.d1..].iter_mut().zip(&e2[j * t.d2..(j + 1) * t.d2]) {
+                *y += v;
+            }
+        }
+        Ok(())
+    }
+
+    fn axial_backward(
+        &self,
+        dout: &Tensor,
+        de1: &mut Tensor,
+        de2: &mut Tensor,
+        n: usize,
+        t: AxialTables,
+    ) -> Result<()> {
+        let dim = t.d1 + t.d2;
+        need("axial_backward", "dout", dout.numel(), n * dim)?;
+        let (g1, g2) = (de1.data_mut(), de2.data_mut());
+        for (p, row) in dout.data()[..n * dim].chunks(dim).enumerate() {
+            let (i, j) = (p / t.a2, p % t.a2);
+            for (g, &v) in g1[i * t.d1..(i + 1) * t.d1].iter_mut().zip(&row[..t.d1]) {
+                *g += v;
+            }
+            for (g, &v) in g2[j * t.d2..(j + 1) * t.d2].iter_mut().zip(&row[t.d1..]) {
+                *g += v;
+            }
+        }
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut Tensor,
+        targets: &[u8],
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        let rows = targets.len();
+        need("cross_entropy", "logits", logits.numel(), rows * vocab)?;
+        Ok(logits.data_mut()[..rows * vocab]
+            .par_chunks_mut(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| {
+                let t = t as usize;
+                let lse = reformer_engine::ops::logsumexp(row);
+                let loss = lse - row[t];
+                if let Some(scale) = grad_scale {
+                    for v in row.iter_mut() {
+                        *v = (*v - lse).exp() * scale;
+                    }
+                    row[t] -= scale;
+                }
+                loss
+            })
+            .collect())
+    }
+
+    fn sum_squares(&self, bufs: &[&Tensor]) -> Result<f64> {
+        Ok(bufs
+            .iter()
+            .map(|b| b.data().iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+            .sum())
+    }
+
+    fn adam_update(
+        &self,
+        param: &mut Tensor,
+        grad: &mut Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        hp: &AdamHp,
+    ) -> Result<()> {
+        let n = param.numel();
+        for (what, len) in [("grad", grad.numel()), ("m", m.numel()), ("v", v.numel())] {
+            if len != n {
+                return Err(bad(format!("adam: {what} holds {len}, the parameter {n}")));
+            }
+        }
+        let t = hp.step.min(i32::MAX as u64) as i32;
+        let c1 = 1.0 - (hp.beta1 as f64).powi(t);
+        let c2 = 1.0 - (hp.beta2 as f64).powi(t);
+        let step_size = (hp.lr as f64 / c1) as f32;
+        let rc2 = (1.0 / c2.sqrt()) as f32;
+        let (b1, b2) = (hp.beta1, hp.beta2);
+        let (w, g) = (param.data_mut(), grad.data());
+        let (m, v) = (m.data_mut(), v.data_mut());
+        for i in 0..n {
+            let g = g[i] * hp.clip;
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            w[i] -= step_size * m[i] / (v[i].sqrt() * rc2 + hp.eps);
+        }
+        Ok(())
+    }
+
+    fn lsh_forward(
+        &self,
+        qk: &Tensor,
+        v: &Tensor,
+        shape: HeadShape,
+        rot: &Rotations,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Tensor, LshSaved)> {
+        let cfg = LshConfig {
+            chunk_len: chunk,
+            causal,
+        };
+        let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
+        Ok(lsh_attention_forward(&qk, &v, rot, &cfg, None)?)
+    }
+
+    fn lsh_backward(
+        &self,
+        qk: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        d_out: &Tensor,
+        saved: &LshSaved,
+        shape: HeadShape,
+        rot: &Rotations,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let cfg = LshConfig {
+            chunk_len: chunk,
+            causal,
+        };
+        let [qk, v, out, d_out] = [qk, v, out, d_out].map(|t| shaped(t, shape));
+        Ok(lsh_attention_backward(
+            &*qk?, &*v?, &*out?, &*d_out?, saved, rot, &cfg, None,
+        )?)
+    }
+
+    fn local_forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shape: HeadShape,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let cfg = LocalConfig {
+            chunk_len: chunk,
+            causal,
+        };
+        let [q, k, v] = [q, k, v].map(|t| shaped(t, shape));
+        let (out, lse) = local_attention_forward(&*q?, &*k?, &*v?, &cfg, None)?;
+        let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
+        Ok((out, lse))
+    }
+
+    fn local_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        d_out: &Tensor,
+        shape: HeadShape,
+        chunk: usize,
+        causal: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let cfg = LocalConfig {
+            chunk_len: chunk,
+            causal,
+        };
+        let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(|t| shaped(t, shape));
+        Ok(local_attention_backward(
+            &*q?,
+            &*k?,
+            &*v?,
+            &*out?,
+            lse.data(),
+            &*d_out?,
+            &cfg,
+            None,
+        )?)
+    }
+
+    fn exact_forward(
+        &self,
+        qk: &Tensor,
+        v: &Tensor,
+        shape: HeadShape,
+        causal: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
+        let k = unit_keys(&qk)?;
+        let (out, lse) = exact_attention_forward(&qk, &k, &v, shared_qk_rule(causal), None)?;
+        let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
+        Ok((out, lse))
+    }
+
+    fn exact_backward(
+        &self,
+        qk: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        d_out: &Tensor,
+        shape: HeadShape,
+        causal: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let [qk, v, out, d_out] = [qk, v, out, d_out].map(|t| shaped(t, shape));
+        let qk = qk?;
+        let k = unit_keys(&qk)?;
+        let (d_q, d_k, d_v) = exact_attention_backward(
+            &qk,
+            &k,
+            &*v?,
+            &*out?,
+            lse.data(),
+            &*d_out?,
+            shared_qk_rule(causal),
+            None,
+        )?;
+        Ok((shared_qk_grad(&qk, d_q, &d_k), d_v))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,828 @@
+//! The reversible block's sublayers on a [`Backend`], step for step as the CPU reference in
+//! `reformer-reversible` (`AttentionLayer`, `FeedForward`): position-wise work in blocks of
+//! `ff_chunk` rows, heads in groups of `head_group`, LSH rotations and dropout masks drawn
+//! from `(seed, step, layer)`, recomputation in the backward, reconstruction of the block's
+//! input on the way. Parameters are indices into the model's value and gradient lists.
+
+use reformer_reversible::{
+    layer_rotations, AttentionKind, Dropout, LayerConfig, Site, StepContext,
+};
+
+use super::backend::{Backend, HeadShape, Strided};
+use crate::error::{ReformerError, Result};
+
+/// Row blocks `(r0, rows)` of `total` rows, `chunk` at a time.
+pub(crate) fn blocks(total: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = chunk.max(1);
+    (0..total)
+        .step_by(chunk)
+        .map(move |r0| (r0, chunk.min(total - r0)))
+}
+
+/// Two distinct elements of `v`, mutably.
+pub(crate) fn pair_mut<T>(v: &mut [T], i: usize, j: usize) -> Result<(&mut T, &mut T)> {
+    if i == j || i >= v.len() || j >= v.len() {
+        return Err(ReformerError::InvalidArgument(format!(
+            "parameter indices {i} and {j} of {}",
+            v.len()
+        )));
+    }
+    if i < j {
+        let (a, b) = v.split_at_mut(j);
+        Ok((&mut a[i], &mut b[0]))
+    } else {
+        let (a, b) = v.split_at_mut(i);
+        Ok((&mut b[0], &mut a[j]))
+    }
+}
+
+/// Copies rows `r0..r0 + rows` of a `width`-wide buffer into the top of `dst`.
+fn rows_in<B: Backend>(
+    b: &B,
+    src: &B::Buf,
+    dst: &mut B::Buf,
+    r0: usize,
+    rows: usize,
+    width: usize,
+) -> Result<()> {
+    b.copy2d(
+        src,
+        Strided::new(r0 * width, width),
+        dst,
+        Strided::new(0, width),
+        rows,
+        width,
+        1.0,
+        false,
+    )
+}
+
+/// `dst[r0.., :] (+)= alpha · src[..rows, :]` for a `width`-wide `dst`.
+#[allow(clippy::too_many_arguments)]
+fn rows_out<B: Backend>(
+    b: &B,
+    src: &B::Buf,
+    dst: &mut B::Buf,
+    r0: usize,
+    rows: usize,
+    width: usize,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    b.copy2d(
+        src,
+        Strided::new(0, width),
+        dst,
+        Strided::new(r0 * width, width),
+        rows,
+        width,
+        alpha,
+        accumulate,
+    )
+}
+
+/// One group of heads `h0..h0 + heads` of a call over `len` positions.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    h0: usize,
+    heads: usize,
+    d_head: usize,
+    len: usize,
+    /// The group is every head (weights are used whole, in place).
+    all: bool,
+}
+
+impl Group {
+    fn width(&self) -> usize {
+        self.heads * self.d_head
+    }
+    fn shape(&self) -> HeadShape {
+        HeadShape {
+            heads: self.heads,
+            len: self.len,
+            d: self.d_head,
+        }
+    }
+
+    /// Head layout `[heads, len, dh]` rows `r0..r0 + c` → model layout block `[c, width]`.
+    fn gather<B: Backend>(
+        &self,
+        b: &B,
+        heads: &B::Buf,
+        block: &mut B::Buf,
+        r0: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (dh, gw) = (self.d_head, self.width());
+        for j in 0..self.heads {
+            b.copy2d(
+                heads,
+                Strided::new((j * self.len + r0) * dh, dh),
+                block,
+                Strided::new(j * dh, gw),
+                c,
+                dh,
+                1.0,
+                false,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Model layout block `[c, width]` → head layout rows `r0..r0 + c`.
+    fn scatter<B: Backend>(
+        &self,
+        b: &B,
+        block: &B::Buf,
+        heads: &mut B::Buf,
+        r0: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (dh, gw) = (self.d_head, self.width());
+        for j in 0..self.heads {
+            b.copy2d(
+                block,
+                Strided::new(j * dh, gw),
+                heads,
+                Strided::new((j * self.len + r0) * dh, dh),
+                c,
+                dh,
+                1.0,
+                false,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The attention sublayer's parameters and configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct AttnLayer {
+    pub cfg: LayerConfig,
+    pub layer: usize,
+    pub ln_g: usize,
+    pub ln_b: usize,
+    /// Projection weights `[d_model, H·dh]` in the order of the head tensors they make:
+    /// `[w_qk, w_v]` (LSH, exact) or `[w_q, w_k, w_v]` (local).
+    pub proj: Vec<usize>,
+    /// `[H·dh, d_model]`.
+    pub w_o: usize,
+}
+
+/// What the attention op produced for one group, in head layout.
+enum HeadActs<B: Backend> {
+    Lsh {
+        qk: B::Buf,
+        v: B::Buf,
+        out: B::Buf,
+        saved: B::LshSaved,
+    },
+    Exact {
+        qk: B::Buf,
+        v: B::Buf,
+        out: B::Buf,
+        lse: B::Buf,
+    },
+    Local {
+        q: B::Buf,
+        k: B::Buf,
+        v: B::Buf,
+        out: B::Buf,
+        lse: B::Buf,
+    },
+}
+
+impl<B: Backend> HeadActs<B> {
+    fn out(&self) -> &B::Buf {
+        match self {
+            HeadActs::Lsh { out, .. }
+            | HeadActs::Exact { out, .. }
+            | HeadActs::Local { out, .. } => out,
+        }
+    }
+}
+
+impl AttnLayer {
+    fn groups(&self, len: usize) -> impl Iterator<Item = Group> {
+        let all = self.cfg.heads_per_group() >= self.cfg.n_heads;
+        let d_head = self.cfg.d_head;
+        self.cfg.head_groups().map(move |(h0, heads)| Group {
+            h0,
+            heads,
+            d_head,
+            len,
+            all,
+        })
+    }
+
+    fn width(&self) -> usize {
+        self.cfg.n_heads * self.cfg.d_head
+    }
+
+    fn dropout(&self, ctx: &StepContext) -> Option<Dropout> {
+        Dropout::new(
+            self.cfg.dropout,
+            self.cfg.seed,
+            ctx,
+            self.layer,
+            Site::AttentionOutput,
+        )
+    }
+
+    /// The group's columns `[d, gw]` of weight `w` (none for the all-heads group).
+    fn column_copy<B: Backend>(&self, b: &B, w: &B::Buf, grp: Group) -> Result<B::Buf> {
+        let (d, gw) = (self.cfg.d_model, grp.width());
+        let mut c = b.alloc(&[d, gw])?;
+        b.copy2d(
+            w,
+            Strided::new(grp.h0 * grp.d_head, self.width()),
+            &mut c,
+            Strided::new(0, gw),
+            d,
+            gw,
+            1.0,
+            false,
+        )?;
+        Ok(c)
+    }
+
+    /// The group's rows `[gw, d]` of `W_o` (none for the all-heads group).
+    fn w_o_rows<B: Backend>(&self, b: &B, w_o: &B::Buf, grp: Group) -> Result<B::Buf> {
+        let (d, gw) = (self.cfg.d_model, grp.width());
+        let mut c = b.alloc(&[gw, d])?;
+        b.copy2d(
+            w_o,
+            Strided::new(grp.h0 * grp.d_head * d, d),
+            &mut c,
+            Strided::new(0, d),
+            gw,
+            d,
+            1.0,
+            false,
+        )?;
+        Ok(c)
+    }
+
+    /// `LN(x)·W[:, group columns]` for each projection, in head layout.
+    fn project<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        x: &B::Buf,
+        grp: Group,
+    ) -> Result<Vec<B::Buf>> {
+        let (d, gw, chunk, len) = (self.cfg.d_model, grp.width(), self.cfg.ff_chunk, grp.len);
+        let mut heads = self
+            .proj
+            .iter()
+            .map(|_| b.alloc(&grp.shape().dims()))
+            .collect::<Result<Vec<_>>>()?;
+        let c_max = chunk.min(len);
+        let mut xs = b.alloc(&[c_max, d])?;
+        let mut ln = b.alloc(&[c_max, d])?;
+        let mut mean = b.alloc(&[c_max])?;
+        let mut rstd = b.alloc(&[c_max])?;
+        let mut p = b.alloc(&[c_max, gw])?;
+        let copies = if grp.all {
+            Vec::new()
+        } else {
+            self.proj
+                .iter()
+                .map(|&w| self.column_copy(b, &vals[w], grp))
+                .collect::<Result<Vec<_>>>()?
+        };
+        for (r0, c) in blocks(len, chunk) {
+            rows_in(b, x, &mut xs, r0, c, d)?;
+            b.layer_norm_forward(
+                &xs,
+                &vals[self.ln_g],
+                &vals[self.ln_b],
+                &mut ln,
+                &mut mean,
+                &mut rstd,
+                c,
+                d,
+            )?;
+            for (i, dst) in heads.iter_mut().enumerate() {
+                let w = if grp.all {
+                    &vals[self.proj[i]]
+                } else {
+                    &copies[i]
+                };
+                b.gemm(&mut p, &ln, w, c, d, gw, false, false, false)?;
+                grp.scatter(b, &p, dst, r0, c)?;
+            }
+        }
+        Ok(heads)
+    }
+
+    fn heads_forward<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        x: &B::Buf,
+        grp: Group,
+        rot: Option<&reformer_lsh::Rotations>,
+    ) -> Result<HeadActs<B>> {
+        let causal = self.cfg.causal;
+        let shape = grp.shape();
+        let mut heads = self.project(b, vals, x, grp)?.into_iter();
+        let mut next = || {
+            heads
+                .next()
+                .ok_or_else(|| ReformerError::Config("missing projection".into()))
+        };
+        Ok(match self.cfg.attention {
+            AttentionKind::Lsh => {
+                let (qk, v) = (next()?, next()?);
+                let rot =
+                    rot.ok_or_else(|| ReformerError::Config("LSH layer without rotations".into()))?;
+                let (out, saved) =
+                    b.lsh_forward(&qk, &v, shape, rot, self.cfg.chunk_len, causal)?;
+                HeadActs::Lsh { qk, v, out, saved }
+            }
+            AttentionKind::Exact => {
+                let (qk, v) = (next()?, next()?);
+                let (out, lse) = b.exact_forward(&qk, &v, shape, causal)?;
+                HeadActs::Exact { qk, v, out, lse }
+            }
+            AttentionKind::Local => {
+                let (q, k, v) = (next()?, next()?, next()?);
+                let (out, lse) = b.local_forward(&q, &k, &v, shape, self.cfg.chunk_len, causal)?;
+                HeadActs::Local { q, k, v, out, lse }
+            }
+        })
+    }
+
+    fn rotations(&self, len: usize, ctx: &StepContext) -> Result<Option<reformer_lsh::Rotations>> {
+        if self.cfg.attention != AttentionKind::Lsh {
+            return Ok(None);
+        }
+        Ok(Some(layer_rotations(&self.cfg, self.layer, len, ctx)?))
+    }
+
+    /// `out += sign · drop(merge(o)·W_o[group rows])`.
+    #[allow(clippy::too_many_arguments)]
+    fn output_add<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        o: &B::Buf,
+        grp: Group,
+        out: &mut B::Buf,
+        sign: f32,
+        ctx: &StepContext,
+    ) -> Result<()> {
+        let (d, gw, chunk) = (self.cfg.d_model, grp.width(), self.cfg.ff_chunk);
+        let copy = if grp.all {
+            None
+        } else {
+            Some(self.w_o_rows(b, &vals[self.w_o], grp)?)
+        };
+        let w_o = copy.as_ref().unwrap_or(&vals[self.w_o]);
+        let mask = self.dropout(ctx);
+        let c_max = chunk.min(grp.len);
+        let mut m = b.alloc(&[c_max, gw])?;
+        let mut y = b.alloc(&[c_max, d])?;
+        for (r0, c) in blocks(grp.len, chunk) {
+            grp.gather(b, o, &mut m, r0, c)?;
+            b.gemm(&mut y, &m, w_o, c, gw, d, false, false, false)?;
+            if let Some(mask) = &mask {
+                b.dropout_rows(&mut y, c, d, r0, mask)?;
+            }
+            rows_out(b, &y, out, r0, c, d, sign, true)?;
+        }
+        Ok(())
+    }
+
+    /// `out += sign · Attn(x)` for `x`, `out` `[len, d_model]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_add<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        x: &B::Buf,
+        out: &mut B::Buf,
+        sign: f32,
+        len: usize,
+        ctx: &StepContext,
+    ) -> Result<()> {
+        let rot = self.rotations(len, ctx)?;
+        for grp in self.groups(len) {
+            let acts = self.heads_forward(b, vals, x, grp, rot.as_ref())?;
+            self.output_add(b, vals, acts.out(), grp, out, sign, ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Backward at input `x` with output gradient `d_out`: adds the input gradient to `dx`,
+    /// accumulates parameter gradients, and with `reconstruct` subtracts `Attn(x)` from it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        grads: &mut [B::Buf],
+        x: &B::Buf,
+        d_out: &B::Buf,
+        dx: &mut B::Buf,
+        mut reconstruct: Option<&mut B::Buf>,
+        len: usize,
+        ctx: &StepContext,
+    ) -> Result<()> {
+        let rot = self.rotations(len, ctx)?;
+        let (chunk, causal) = (self.cfg.chunk_len, self.cfg.causal);
+        for grp in self.groups(len) {
+            let shape = grp.shape();
+            let acts = self.heads_forward(b, vals, x, grp, rot.as_ref())?;
+            if let Some(r) = reconstruct.as_deref_mut() {
+                self.output_add(b, vals, acts.out(), grp, r, -1.0, ctx)?;
+            }
+            let d_heads = self.output_backward(b, vals, grads, acts.out(), d_out, grp, ctx)?;
+            let head_grads: Vec<B::Buf> = match acts {
+                HeadActs::Lsh { qk, v, out, saved } => {
+                    let rot = rot.as_ref().ok_or_else(|| {
+                        ReformerError::Config("LSH layer without rotations".into())
+                    })?;
+                    let (d_qk, d_v) =
+                        b.lsh_backward(&qk, &v, &out, &d_heads, &saved, shape, rot, chunk, causal)?;
+                    vec![d_qk, d_v]
+                }
+                HeadActs::Exact { qk, v, out, lse } => {
+                    let (d_qk, d_v) =
+                        b.exact_backward(&qk, &v, &out, &lse, &d_heads, shape, causal)?;
+                    vec![d_qk, d_v]
+                }
+                HeadActs::Local { q, k, v, out, lse } => {
+                    let (d_q, d_k, d_v) =
+                        b.local_backward(&q, &k, &v, &out, &lse, &d_heads, shape, chunk, causal)?;
+                    vec![d_q, d_k, d_v]
+                }
+            };
+            drop(d_heads);
+            self.projection_backward(b, vals, grads, x, &head_grads, dx, grp)?;
+        }
+        Ok(())
+    }
+
+    /// Through the dropout and the group's rows of `W_o`: accumulates `dW_o` and returns the
+    /// gradient of the group's attention output in head layout.
+    #[allow(clippy::too_many_arguments)]
+    fn output_backward<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        grads: &mut [B::Buf],
+        o: &B::Buf,
+        d_out: &B::Buf,
+        grp: Group,
+        ctx: &StepContext,
+    ) -> Result<B::Buf> {
+        let (d, gw, chunk) = (self.cfg.d_model, grp.width(), self.cfg.ff_chunk);
+        let mask = self.dropout(ctx);
+        let copy = if grp.all {
+            None
+        } else {
+            Some(self.w_o_rows(b, &vals[self.w_o], grp)?)
+        };
+        let w_o = copy.as_ref().unwrap_or(&vals[self.w_o]);
+        let mut dw = if grp.all {
+            None
+        } else {
+            Some(b.zeros(&[gw, d])?)
+        };
+        let c_max = chunk.min(grp.len);
+        let mut m = b.alloc(&[c_max, gw])?;
+        let mut g = b.alloc(&[c_max, d])?;
+        let mut d_heads = b.alloc(&grp.shape().dims())?;
+        for (r0, c) in blocks(grp.len, chunk) {
+            grp.gather(b, o, &mut m, r0, c)?;
+            rows_in(b, d_out, &mut g, r0, c, d)?;
+            if let Some(mask) = &mask {
+                b.dropout_rows(&mut g, c, d, r0, mask)?;
+            }
+            let target = match dw.as_mut() {
+                Some(t) => t,
+                None => &mut grads[self.w_o],
+            };
+            b.gemm(target, &m, &g, gw, c, d, true, false, true)?;
+            b.gemm(&mut m, &g, w_o, c, d, gw, false, true, false)?;
+            grp.scatter(b, &m, &mut d_heads, r0, c)?;
+        }
+        if let Some(dw) = dw {
+            b.copy2d(
+                &dw,
+                Strided::new(0, d),
+                &mut grads[self.w_o],
+                Strided::new(grp.h0 * grp.d_head * d, d),
+                gw,
+                d,
+                1.0,
+                true,
+            )?;
+        }
+        Ok(d_heads)
+    }
+
+    /// Through the group's projection columns and the layer norm: accumulates weight and
+    /// layer-norm gradients and adds the input gradient to `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn projection_backward<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        grads: &mut [B::Buf],
+        x: &B::Buf,
+        head_grads: &[B::Buf],
+        dx: &mut B::Buf,
+        grp: Group,
+    ) -> Result<()> {
+        if head_grads.len() != self.proj.len() {
+            return Err(ReformerError::Config(
+                "attention weights and gradients of different kinds".into(),
+            ));
+        }
+        let (d, gw, chunk, width) = (
+            self.cfg.d_model,
+            grp.width(),
+            self.cfg.ff_chunk,
+            self.width(),
+        );
+        let c_max = chunk.min(grp.len);
+        let mut xs = b.alloc(&[c_max, d])?;
+        let mut ln = b.alloc(&[c_max, d])?;
+        let mut mean = b.alloc(&[c_max])?;
+        let mut rstd = b.alloc(&[c_max])?;
+        let mut d_ln = b.alloc(&[c_max, d])?;
+        let mut dxs = b.alloc(&[c_max, d])?;
+        let mut g = b.alloc(&[c_max, gw])?;
+        let (copies, mut dws) = if grp.all {
+            (Vec::new(), Vec::new())
+        } else {
+            let copies = self
+                .proj
+                .iter()
+                .map(|&w| self.column_copy(b, &vals[w], grp))
+                .collect::<Result<Vec<_>>>()?;
+            let dws = self
+                .proj
+                .iter()
+                .map(|_| b.zeros(&[d, gw]))
+                .collect::<Result<Vec<_>>>()?;
+            (copies, dws)
+        };
+        for (r0, c) in blocks(grp.len, chunk) {
+            rows_in(b, x, &mut xs, r0, c, d)?;
+            b.layer_norm_forward(
+                &xs,
+                &vals[self.ln_g],
+                &vals[self.ln_b],
+                &mut ln,
+                &mut mean,
+                &mut rstd,
+                c,
+                d,
+            )?;
+            for (i, hg) in head_grads.iter().enumerate() {
+                grp.gather(b, hg, &mut g, r0, c)?;
+                let (dw, w) = if grp.all {
+                    (&mut grads[self.proj[i]], &vals[self.proj[i]])
+                } else {
+                    (&mut dws[i], &copies[i])
+                };
+                b.gemm(dw, &ln, &g, d, c, gw, true, false, true)?;
+                b.gemm(&mut d_ln, &g, w, c, gw, d, false, true, i > 0)?;
+            }
+            let (dg, db) = pair_mut(grads, self.ln_g, self.ln_b)?;
+            b.layer_norm_backward(
+                &xs,
+                &vals[self.ln_g],
+                &mean,
+                &rstd,
+                &d_ln,
+                &mut dxs,
+                dg,
+                db,
+                c,
+                d,
+            )?;
+            rows_out(b, &dxs, dx, r0, c, d, 1.0, true)?;
+        }
+        for (i, dw) in dws.iter().enumerate() {
+            b.copy2d(
+                dw,
+                Strided::new(0, gw),
+                &mut grads[self.proj[i]],
+                Strided::new(grp.h0 * grp.d_head, width),
+                d,
+                gw,
+                1.0,
+                true,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The feed-forward sublayer `W2·drop(ReLU(W1·LN(x) + b1)) + b2` (then dropout).
+#[derive(Debug, Clone)]
+pub(crate) struct FfLayer {
+    pub cfg: LayerConfig,
+    pub layer: usize,
+    pub ln_g: usize,
+    pub ln_b: usize,
+    pub w1: usize,
+    pub b1: usize,
+    pub w2: usize,
+    pub b2: usize,
+}
+
+/// Per-chunk scratch of the feed-forward.
+struct FfScratch<B: Backend> {
+    xs: B::Buf,
+    ln: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+    h: B::Buf,
+    g: Option<B::Buf>,
+    f: B::Buf,
+}
+
+type Masks = (Option<Dropout>, Option<Dropout>);
+
+impl FfLayer {
+    fn masks(&self, ctx: &StepContext) -> Masks {
+        let mk = |site| Dropout::new(self.cfg.dropout, self.cfg.seed, ctx, self.layer, site);
+        (mk(Site::FeedForwardHidden), mk(Site::FeedForwardOutput))
+    }
+
+    fn scratch<B: Backend>(&self, b: &B, rows: usize, with_g: bool) -> Result<FfScratch<B>> {
+        let (d, f) = (self.cfg.d_model, self.cfg.d_ff);
+        let c = self.cfg.ff_chunk.min(rows).max(1);
+        Ok(FfScratch {
+            xs: b.alloc(&[c, d])?,
+            ln: b.alloc(&[c, d])?,
+            mean: b.alloc(&[c])?,
+            rstd: b.alloc(&[c])?,
+            h: b.alloc(&[c, f])?,
+            g: if with_g {
+                Some(b.alloc(&[c, f])?)
+            } else {
+                None
+            },
+            f: b.alloc(&[c, d])?,
+        })
+    }
+
+    /// Rows `r0..r0 + c` of `x`: `s.ln = LN(x)`, `s.h = ReLU(ln·W1 + b1)`, the dropped hidden
+    /// in `s.g` when dropout is on (returns true), `s.f = FF(x)`.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk_forward<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        s: &mut FfScratch<B>,
+        x: &B::Buf,
+        r0: usize,
+        c: usize,
+        masks: &Masks,
+    ) -> Result<bool> {
+        let (d, f) = (self.cfg.d_model, self.cfg.d_ff);
+        rows_in(b, x, &mut s.xs, r0, c, d)?;
+        b.layer_norm_forward(
+            &s.xs,
+            &vals[self.ln_g],
+            &vals[self.ln_b],
+            &mut s.ln,
+            &mut s.mean,
+            &mut s.rstd,
+            c,
+            d,
+        )?;
+        b.gemm(
+            &mut s.h,
+            &s.ln,
+            &vals[self.w1],
+            c,
+            d,
+            f,
+            false,
+            false,
+            false,
+        )?;
+        b.add_bias(&mut s.h, &vals[self.b1], c, f)?;
+        b.relu_in_place(&mut s.h, c * f)?;
+        let in_g = match (&masks.0, s.g.as_mut()) {
+            (Some(m), Some(g)) => {
+                b.copy2d(
+                    &s.h,
+                    Strided::new(0, c * f),
+                    g,
+                    Strided::new(0, c * f),
+                    1,
+                    c * f,
+                    1.0,
+                    false,
+                )?;
+                b.dropout_rows(g, c, f, r0, m)?;
+                true
+            }
+            _ => false,
+        };
+        let hd = match (in_g, &s.g) {
+            (true, Some(g)) => g,
+            _ => &s.h,
+        };
+        b.gemm(&mut s.f, hd, &vals[self.w2], c, f, d, false, false, false)?;
+        b.add_bias(&mut s.f, &vals[self.b2], c, d)?;
+        if let Some(m) = &masks.1 {
+            b.dropout_rows(&mut s.f, c, d, r0, m)?;
+        }
+        Ok(in_g)
+    }
+
+    /// `out += sign · FF(x)` over `rows` rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_add<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        x: &B::Buf,
+        out: &mut B::Buf,
+        sign: f32,
+        rows: usize,
+        ctx: &StepContext,
+    ) -> Result<()> {
+        let masks = self.masks(ctx);
+        let mut s = self.scratch(b, rows, masks.0.is_some())?;
+        let d = self.cfg.d_model;
+        for (r0, c) in blocks(rows, self.cfg.ff_chunk) {
+            self.chunk_forward(b, vals, &mut s, x, r0, c, &masks)?;
+            rows_out(b, &s.f, out, r0, c, d, sign, true)?;
+        }
+        Ok(())
+    }
+
+    /// Backward at `x` with output gradient `dy`: adds the input gradient to `dx`,
+    /// accumulates parameter gradients, and with `reconstruct` subtracts `FF(x)` from it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        grads: &mut [B::Buf],
+        x: &B::Buf,
+        dy: &B::Buf,
+        dx: &mut B::Buf,
+        mut reconstruct: Option<&mut B::Buf>,
+        rows: usize,
+        ctx: &StepContext,
+    ) -> Result<()> {
+        let masks = self.masks(ctx);
+        let mut s = self.scratch(b, rows, true)?;
+        let (d, f) = (self.cfg.d_model, self.cfg.d_ff);
+        let c_max = self.cfg.ff_chunk.min(rows).max(1);
+        let mut dxs = b.alloc(&[c_max, d])?;
+        for (r0, c) in blocks(rows, self.cfg.ff_chunk) {
+            let in_g = self.chunk_forward(b, vals, &mut s, x, r0, c, &masks)?;
+            if let Some(r) = reconstruct.as_deref_mut() {
+                rows_out(b, &s.f, r, r0, c, d, -1.0, true)?;
+            }
+            let FfScratch {
+                xs,
+                ln,
+                mean,
+                rstd,
+                h,
+                g,
+                f: df,
+            } = &mut s;
+            let g = g
+                .as_mut()
+                .ok_or_else(|| ReformerError::Config("feed-forward scratch without g".into()))?;
+            // df = drop₂(dy).
+            rows_in(b, dy, df, r0, c, d)?;
+            if let Some(m) = &masks.1 {
+                b.dropout_rows(df, c, d, r0, m)?;
+            }
+            // dW2 += hdᵀ df; db2 += Σ df.
+            let hd: &B::Buf = if in_g { g } else { h };
+            b.gemm(&mut grads[self.w2], hd, df, f, c, d, true, false, true)?;
+            b.column_sums_acc(df, &mut grads[self.b2], c, d)?;
+            // dh = drop₁(df·W2ᵀ) ∘ [h > 0].
+            b.gemm(g, df, &vals[self.w2], c, d, f, false, true, false)?;
+            if let Some(m) = &masks.0 {
+                b.dropout_rows(g, c, f, r0, m)?;
+            }
+            b.relu_mask_in_place(h, g, c * f)?;
+            // dW1 += lnᵀ dh; db1 += Σ dh; dln = dh·W1ᵀ (into df).
+            b.gemm(&mut grads[self.w1], ln, g, d, c, f, true, false, true)?;
+            b.column_sums_acc(g, &mut grads[self.b1], c, f)?;
+            b.gemm(df, g, &vals[self.w1], c, f, d, false, true, false)?;
+            let (dg, db) = pair_mut(grads, self.ln_g, self.ln_b)?;
+            b.layer_norm_backward(xs, &vals[self.ln_g], mean, rstd, df, &mut dxs, dg, db, c, d)?;
+            rows_out(b, &dxs, dx, r0, c, d, 1.0, true)?;
+        }
+        Ok(())
+    }
+}

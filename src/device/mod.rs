@@ -1,0 +1,23 @@
+//! The model on a device. [`DeviceLm`] runs the same computation as [`crate::ReformerLm`]
+//! (forward, recomputing reversible backward, chunked loss, Adam) against the [`Backend`]
+//! trait, whose implementations are
+//!
+//! * [`CudaBackend`]: the hand-written kernels of `reformer-kernels` and cuBLAS, on a GPU;
+//! * [`HostBackend`]: the kernels' CPU twins, so that the device model's orchestration (row
+//!   blocks, head groups, reconstruction, gradient flow) is tested against the reference model
+//!   on every machine, GPU or not.
+//!
+//! The CPU reference (`reformer-reversible` and [`crate::ReformerLm`]) stays the numerical
+//! ground truth: `tests/device_model_host.rs` compares the host backend with it, and
+//! `tests/gpu_parity_model.rs` the CUDA backend with it on a GPU.
+
+pub mod backend;
+pub mod cuda;
+pub mod host;
+mod layers;
+pub mod model;
+
+pub use backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
+pub use cuda::CudaBackend;
+pub use host::HostBackend;
+pub use model::DeviceLm;

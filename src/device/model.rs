@@ -1,0 +1,512 @@
+//! [`DeviceLm`]: the byte-level Reformer LM on a [`Backend`] — embedding and axial positions,
+//! the reversible stack with recomputing backward, the chunked LM head and loss, and Adam —
+//! the same computation as [`crate::ReformerLm`] (its parameters are uploaded from one, and
+//! can be downloaded back into one), with every buffer on the device.
+
+use std::collections::HashMap;
+
+use reformer_reversible::{AttentionKind, StepContext};
+
+use super::backend::{AdamHp, AxialTables, Backend, Strided};
+use super::layers::{blocks, pair_mut, AttnLayer, FfLayer};
+use crate::config::{ModelConfig, VOCAB};
+use crate::error::{ReformerError, Result};
+use crate::model::ReformerLm;
+use crate::optim::{AdamConfig, UpdateStats};
+use crate::param::HasParams;
+
+/// `(dY1, dY2)` from the head.
+type StreamGrads<B> = (<B as Backend>::Buf, <B as Backend>::Buf);
+
+/// Adam's moments on the device.
+struct AdamState<B: Backend> {
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    step: u64,
+    cfg: AdamConfig,
+}
+
+/// The language model on a backend.
+pub struct DeviceLm<B: Backend> {
+    backend: B,
+    cfg: ModelConfig,
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    values: Vec<B::Buf>,
+    grads: Vec<B::Buf>,
+    adam: Option<AdamState<B>>,
+    tokens: usize,
+    axial: (usize, usize),
+    tables: AxialTables,
+    layers: Vec<(AttnLayer, FfLayer)>,
+    head_ln: (usize, usize),
+    head_w: usize,
+    head_b: usize,
+}
+
+fn index(map: &HashMap<String, usize>, name: &str) -> Result<usize> {
+    map.get(name).copied().ok_or_else(|| {
+        ReformerError::Config(format!(
+            "the model has no parameter `{name}` (the device model mirrors the CPU model's names)"
+        ))
+    })
+}
+
+impl<B: Backend> DeviceLm<B> {
+    /// Uploads `model`'s parameters (values; gradients start at zero) and configuration.
+    pub fn from_model(backend: B, model: &ReformerLm) -> Result<Self> {
+        let params = model.params();
+        let mut names = Vec::with_capacity(params.len());
+        let mut shapes = Vec::with_capacity(params.len());
+        let mut values = Vec::with_capacity(params.len());
+        let mut grads = Vec::with_capacity(params.len());
+        for p in &params {
+            names.push(p.name.clone());
+            shapes.push(p.value.shape().to_vec());
+            values.push(backend.upload(p.value.shape(), p.value.data())?);
+            grads.push(backend.zeros(p.value.shape())?);
+        }
+        let map: HashMap<String, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        let cfg = model.config().clone();
+        let mut layers = Vec::with_capacity(model.stack.len());
+        for (i, block) in model.stack.layers.iter().enumerate() {
+            let lc = block.config().clone();
+            let p = |s: &str| index(&map, &format!("layers.{i}.{s}"));
+            let proj = match lc.attention {
+                AttentionKind::Lsh | AttentionKind::Exact => vec![p("attn.w_qk")?, p("attn.w_v")?],
+                AttentionKind::Local => vec![p("attn.w_q")?, p("attn.w_k")?, p("attn.w_v")?],
+            };
+            let attn = AttnLayer {
+                cfg: lc.clone(),
+                layer: i,
+                ln_g: p("ln_attn.gamma")?,
+                ln_b: p("ln_attn.beta")?,
+                proj,
+                w_o: p("attn.w_o")?,
+            };
+            let ff = FfLayer {
+                cfg: lc,
+                layer: i,
+                ln_g: p("ln_ff.gamma")?,
+                ln_b: p("ln_ff.beta")?,
+                w1: p("ff.w1")?,
+                b1: p("ff.b1")?,
+                w2: p("ff.w2")?,
+                b2: p("ff.b2")?,
+            };
+            layers.push((attn, ff));
+        }
+        let tables = AxialTables {
+            a1: cfg.axial_shape.0,
+            a2: cfg.axial_shape.1,
+            d1: cfg.axial_dims.0,
+            d2: cfg.axial_dims.1,
+        };
+        Ok(Self {
+            tokens: index(&map, "embed.tokens")?,
+            axial: (index(&map, "embed.axial.0")?, index(&map, "embed.axial.1")?),
+            tables,
+            layers,
+            head_ln: (
+                index(&map, "head.norm.gamma")?,
+                index(&map, "head.norm.beta")?,
+            ),
+            head_w: index(&map, "head.weight")?,
+            head_b: index(&map, "head.bias")?,
+            backend,
+            cfg,
+            names,
+            shapes,
+            values,
+            grads,
+            adam: None,
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Parameter names, in the CPU model's order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Hash rounds of the LSH layers from now on.
+    pub fn set_rounds(&mut self, n_rounds: usize) -> Result<()> {
+        if n_rounds == 0 {
+            return Err(ReformerError::InvalidArgument(
+                "LSH attention needs at least one hash round".into(),
+            ));
+        }
+        for (a, f) in &mut self.layers {
+            a.cfg.n_rounds = n_rounds;
+            f.cfg.n_rounds = n_rounds;
+        }
+        Ok(())
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        for g in &mut self.grads {
+            self.backend.fill(g, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// The parameters' values, downloaded, in the CPU model's order.
+    pub fn download_values(&self) -> Result<Vec<Vec<f32>>> {
+        self.values
+            .iter()
+            .map(|v| self.backend.download(v))
+            .collect()
+    }
+
+    /// The parameters' gradients, downloaded, in the CPU model's order.
+    pub fn download_grads(&self) -> Result<Vec<Vec<f32>>> {
+        self.grads
+            .iter()
+            .map(|v| self.backend.download(v))
+            .collect()
+    }
+
+    /// Copies the device's parameter values into `model` (same config), e.g. to checkpoint.
+    pub fn copy_values_into(&self, model: &mut ReformerLm) -> Result<()> {
+        let values = self.download_values()?;
+        let mut params = model.params_mut();
+        if params.len() != values.len() {
+            return Err(ReformerError::Config(format!(
+                "the model has {} parameters, the device model {}",
+                params.len(),
+                values.len()
+            )));
+        }
+        for ((p, v), name) in params.iter_mut().zip(values).zip(&self.names) {
+            if &p.name != name || p.value.numel() != v.len() {
+                return Err(ReformerError::Config(format!(
+                    "parameter `{}` does not match the device's `{name}`",
+                    p.name
+                )));
+            }
+            p.value.data_mut().copy_from_slice(&v);
+        }
+        Ok(())
+    }
+
+    fn check_len(&self, len: usize) -> Result<()> {
+        if len == 0 || len > self.cfg.max_len() {
+            return Err(ReformerError::Length {
+                len,
+                max_len: self.cfg.max_len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn split(tokens: &[u8]) -> Result<(&[u8], &[u8])> {
+        if tokens.len() < 2 {
+            return Err(ReformerError::InvalidArgument(format!(
+                "a training sequence needs at least 2 tokens (inputs + next-byte targets), got {}",
+                tokens.len()
+            )));
+        }
+        Ok((&tokens[..tokens.len() - 1], &tokens[1..]))
+    }
+
+    /// `(X1, X2)`: token embedding plus axial positions, duplicated.
+    fn embed(&self, inputs: &[u8]) -> Result<(B::Buf, B::Buf)> {
+        let (b, d, len) = (&self.backend, self.cfg.d_model, inputs.len());
+        let mut x = b.alloc(&[len, d])?;
+        b.embed(inputs, &self.values[self.tokens], &mut x, d)?;
+        b.axial_forward_add(
+            &self.values[self.axial.0],
+            &self.values[self.axial.1],
+            &mut x,
+            len,
+            self.tables,
+        )?;
+        let mut x2 = b.alloc(&[len, d])?;
+        b.copy2d(
+            &x,
+            Strided::new(0, len * d),
+            &mut x2,
+            Strided::new(0, len * d),
+            1,
+            len * d,
+            1.0,
+            false,
+        )?;
+        Ok((x, x2))
+    }
+
+    /// Embedding and the stack: `(Y1, Y2)`.
+    fn forward_stack(&self, inputs: &[u8], ctx: &StepContext) -> Result<(B::Buf, B::Buf)> {
+        self.check_len(inputs.len())?;
+        let len = inputs.len();
+        let (mut y1, mut y2) = self.embed(inputs)?;
+        let (b, vals) = (&self.backend, &self.values[..]);
+        for (attn, ff) in &self.layers {
+            attn.forward_add(b, vals, &y2, &mut y1, 1.0, len, ctx)?;
+            ff.forward_add(b, vals, &y1, &mut y2, 1.0, len, ctx)?;
+        }
+        Ok((y1, y2))
+    }
+
+    /// The head over rows of `(Y1, Y2)` a chunk at a time: the summed loss, and with
+    /// `grad_scale` the gradients `(dY1, dY2)` of `grad_scale ·` loss (head gradients
+    /// accumulate).
+    fn head(
+        &mut self,
+        y1: &B::Buf,
+        y2: &B::Buf,
+        targets: &[u8],
+        grad_scale: Option<f32>,
+    ) -> Result<(f64, Option<StreamGrads<B>>)> {
+        let b = &self.backend;
+        let (d, len) = (self.cfg.d_model, targets.len());
+        let w = 2 * d;
+        let chunk = self.cfg.loss_chunk.max(1);
+        let rows_max = chunk.min(len.max(1));
+        let mut dys = match grad_scale {
+            Some(_) => Some((b.zeros(&[len, d])?, b.zeros(&[len, d])?)),
+            None => None,
+        };
+        let mut h = b.alloc(&[rows_max, w])?;
+        let mut hn = b.alloc(&[rows_max, w])?;
+        let mut mean = b.alloc(&[rows_max])?;
+        let mut rstd = b.alloc(&[rows_max])?;
+        let mut logits = b.alloc(&[rows_max, VOCAB])?;
+        let mut back = match grad_scale {
+            Some(_) => Some((b.alloc(&[rows_max, w])?, b.alloc(&[rows_max, w])?)),
+            None => None,
+        };
+        let (g, beta) = self.head_ln;
+        let mut total = 0.0f64;
+        for (start, rows) in blocks(len, chunk) {
+            for (y, col) in [(y1, 0), (y2, d)] {
+                b.copy2d(
+                    y,
+                    Strided::new(start * d, d),
+                    &mut h,
+                    Strided::new(col, w),
+                    rows,
+                    d,
+                    1.0,
+                    false,
+                )?;
+            }
+            let vals = &self.values;
+            b.layer_norm_forward(
+                &h,
+                &vals[g],
+                &vals[beta],
+                &mut hn,
+                &mut mean,
+                &mut rstd,
+                rows,
+                w,
+            )?;
+            b.gemm(
+                &mut logits,
+                &hn,
+                &vals[self.head_w],
+                rows,
+                w,
+                VOCAB,
+                false,
+                false,
+                false,
+            )?;
+            b.add_bias(&mut logits, &vals[self.head_b], rows, VOCAB)?;
+            let losses = b.cross_entropy(
+                &mut logits,
+                &targets[start..start + rows],
+                VOCAB,
+                grad_scale,
+            )?;
+            total += losses.iter().map(|&l| l as f64).sum::<f64>();
+            if let (Some((dhn, dh)), Some((dy1, dy2))) = (back.as_mut(), dys.as_mut()) {
+                let grads = &mut self.grads;
+                b.gemm(
+                    &mut grads[self.head_w],
+                    &hn,
+                    &logits,
+                    w,
+                    rows,
+                    VOCAB,
+                    true,
+                    false,
+                    true,
+                )?;
+                b.column_sums_acc(&logits, &mut grads[self.head_b], rows, VOCAB)?;
+                b.gemm(
+                    dhn,
+                    &logits,
+                    &vals[self.head_w],
+                    rows,
+                    VOCAB,
+                    w,
+                    false,
+                    true,
+                    false,
+                )?;
+                let (dg, db) = pair_mut(grads, g, beta)?;
+                b.layer_norm_backward(&h, &vals[g], &mean, &rstd, dhn, dh, dg, db, rows, w)?;
+                for (dy, col) in [(dy1, 0), (dy2, d)] {
+                    b.copy2d(
+                        dh,
+                        Strided::new(col, w),
+                        dy,
+                        Strided::new(start * d, d),
+                        rows,
+                        d,
+                        1.0,
+                        false,
+                    )?;
+                }
+            }
+        }
+        Ok((total, dys))
+    }
+
+    /// Forward and backward of one sequence of `len + 1` bytes (position `p` predicts byte
+    /// `p + 1`): returns the mean loss in nats and **adds** the gradients of the mean loss to
+    /// the device gradients (call [`DeviceLm::zero_grad`] first). As
+    /// [`ReformerLm::train_step_grads`].
+    pub fn train_step_grads(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f32> {
+        let (inputs, targets) = Self::split(tokens)?;
+        let len = inputs.len();
+        let (y1, y2) = self.forward_stack(inputs, ctx)?;
+        let (sum, dys) = self.head(&y1, &y2, targets, Some(1.0 / len as f32))?;
+        let loss = (sum / len as f64) as f32;
+        if !loss.is_finite() {
+            return Err(ReformerError::NonFinite {
+                what: "loss",
+                value: loss,
+                step: ctx.step,
+            });
+        }
+        let (mut dx1, mut dx2) =
+            dys.ok_or_else(|| ReformerError::Config("the head returned no gradients".into()))?;
+        let (mut x1, mut x2) = (y1, y2);
+        let b = &self.backend;
+        for (attn, ff) in self.layers.iter().rev() {
+            // Y2 = X2 + FF(Y1): dY1 += FF'ᵀ dY2, X2 = Y2 − FF(Y1).
+            ff.backward(
+                b,
+                &self.values,
+                &mut self.grads,
+                &x1,
+                &dx2,
+                &mut dx1,
+                Some(&mut x2),
+                len,
+                ctx,
+            )?;
+            // Y1 = X1 + Attn(X2): dX2 = dY2 + Attn'ᵀ dY1, X1 = Y1 − Attn(X2).
+            attn.backward(
+                b,
+                &self.values,
+                &mut self.grads,
+                &x2,
+                &dx1,
+                &mut dx2,
+                Some(&mut x1),
+                len,
+                ctx,
+            )?;
+        }
+        drop((x1, x2));
+        // X1 and X2 are the same embedding: its gradient is the sum.
+        let d = self.cfg.d_model;
+        b.copy2d(
+            &dx2,
+            Strided::new(0, len * d),
+            &mut dx1,
+            Strided::new(0, len * d),
+            1,
+            len * d,
+            1.0,
+            true,
+        )?;
+        drop(dx2);
+        let (e1, e2) = pair_mut(&mut self.grads, self.axial.0, self.axial.1)?;
+        b.axial_backward(&dx1, e1, e2, len, self.tables)?;
+        b.embed_backward(inputs, &dx1, &mut self.grads[self.tokens], d)?;
+        Ok(loss)
+    }
+
+    /// The summed loss (nats) over the `len` positions of `tokens` (`len + 1` bytes).
+    pub fn eval_loss_sum(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f64> {
+        let (inputs, targets) = Self::split(tokens)?;
+        let (y1, y2) = self.forward_stack(inputs, ctx)?;
+        Ok(self.head(&y1, &y2, targets, None)?.0)
+    }
+
+    /// Mean loss (nats) of `tokens` without gradients.
+    pub fn eval_loss(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f32> {
+        let sum = self.eval_loss_sum(tokens, ctx)?;
+        Ok((sum / (tokens.len() - 1) as f64) as f32)
+    }
+
+    /// One Adam step from the accumulated gradients (moments allocated at the first call), with
+    /// global-norm clipping as [`crate::Adam::update`].
+    pub fn adam_update(&mut self, cfg: AdamConfig, lr: f32) -> Result<UpdateStats> {
+        let b = &self.backend;
+        if self.adam.is_none() {
+            let zeros =
+                |_| -> Result<Vec<B::Buf>> { self.shapes.iter().map(|s| b.zeros(s)).collect() };
+            self.adam = Some(AdamState {
+                m: zeros(0)?,
+                v: zeros(1)?,
+                step: 0,
+                cfg,
+            });
+        }
+        let adam = self
+            .adam
+            .as_mut()
+            .ok_or_else(|| ReformerError::Config("optimizer state missing".into()))?;
+        adam.cfg = cfg;
+        let grads: Vec<&B::Buf> = self.grads.iter().collect();
+        let grad_norm = b.sum_squares(&grads)?.sqrt() as f32;
+        if !grad_norm.is_finite() {
+            return Err(ReformerError::NonFinite {
+                what: "gradient norm",
+                value: grad_norm,
+                step: adam.step,
+            });
+        }
+        let clip = match cfg.clip_norm {
+            Some(max) if grad_norm > max => max / grad_norm,
+            _ => 1.0,
+        };
+        adam.step += 1;
+        let hp = AdamHp {
+            lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            step: adam.step,
+            clip,
+        };
+        for (((p, g), m), v) in self
+            .values
+            .iter_mut()
+            .zip(&mut self.grads)
+            .zip(&mut adam.m)
+            .zip(&mut adam.v)
+        {
+            b.adam_update(p, g, m, v, &hp)?;
+        }
+        Ok(UpdateStats { lr, grad_norm })
+    }
+}
