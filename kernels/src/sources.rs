@@ -92,6 +92,24 @@ pub mod names {
         pub const BWD_DKDV: &str = "exact_attn_bwd_dkdv";
         pub const ALL: &[&str] = &[FWD, BWD_DQ, BWD_DKDV];
     }
+    pub mod rows {
+        pub const COPY2D: &str = "rows_copy2d";
+        pub const ADD_BIAS: &str = "rows_add_bias";
+        pub const COLUMN_SUMS_PARTS: &str = "rows_column_sums_parts";
+        pub const COLUMN_SUMS_FINISH: &str = "rows_column_sums_finish";
+        pub const RELU: &str = "rows_relu";
+        pub const RELU_MASK: &str = "rows_relu_mask";
+        pub const DROPOUT: &str = "rows_dropout";
+        pub const ALL: &[&str] = &[
+            COPY2D,
+            ADD_BIAS,
+            COLUMN_SUMS_PARTS,
+            COLUMN_SUMS_FINISH,
+            RELU,
+            RELU_MASK,
+            DROPOUT,
+        ];
+    }
 }
 
 /// A shared header prepended to the families that use it.
@@ -132,10 +150,11 @@ pub enum KernelFamily {
     LshAttention,
     LocalAttention,
     ExactAttention,
+    Rows,
 }
 
 impl KernelFamily {
-    pub const ALL: [KernelFamily; 10] = [
+    pub const ALL: [KernelFamily; 11] = [
         KernelFamily::Elementwise,
         KernelFamily::LayerNorm,
         KernelFamily::Embedding,
@@ -146,6 +165,7 @@ impl KernelFamily {
         KernelFamily::LshAttention,
         KernelFamily::LocalAttention,
         KernelFamily::ExactAttention,
+        KernelFamily::Rows,
     ];
 
     /// The file stem, e.g. `lsh_attention`.
@@ -161,6 +181,7 @@ impl KernelFamily {
             KernelFamily::LshAttention => "lsh_attention",
             KernelFamily::LocalAttention => "local_attention",
             KernelFamily::ExactAttention => "exact_attention",
+            KernelFamily::Rows => "rows",
         }
     }
 
@@ -177,6 +198,7 @@ impl KernelFamily {
             KernelFamily::LshAttention => include_str!("cu/lsh_attention.cu"),
             KernelFamily::LocalAttention => include_str!("cu/local_attention.cu"),
             KernelFamily::ExactAttention => include_str!("cu/exact_attention.cu"),
+            KernelFamily::Rows => include_str!("cu/rows.cu"),
         }
     }
 
@@ -203,6 +225,7 @@ impl KernelFamily {
             KernelFamily::LshAttention => names::lsh_attention::ALL,
             KernelFamily::LocalAttention => names::local_attention::ALL,
             KernelFamily::ExactAttention => names::exact_attention::ALL,
+            KernelFamily::Rows => names::rows::ALL,
         }
     }
 

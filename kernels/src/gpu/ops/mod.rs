@@ -14,6 +14,7 @@ pub mod lsh_attention;
 pub mod lsh_hash;
 pub mod matmul;
 pub mod reduce_adam;
+pub mod rows;
 pub mod softmax_xent;
 
 use crate::error::KernelsError;
