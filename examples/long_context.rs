@@ -19,6 +19,7 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use reformer::config::Attention;
 use reformer::data::TextData;
+use reformer::device::{Backend, CudaBackend, DeviceLm, HostBackend};
 use reformer::planner::human_bytes;
 use reformer::{
     AdamConfig, LrSchedule, MemoryPlan, ModelConfig, ReformerError, ReformerLm, StepContext,
@@ -28,9 +29,22 @@ use reformer_engine::{DType, Device, EngineError, MemoryPool, Rng};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
+    /// The reference CPU model (`reformer-reversible`).
     Cpu,
+    /// The device model on the GPU: hand-written kernels and cuBLAS.
     Cuda,
+    /// `cuda` where a GPU answers, else `cpu` (one line says why).
     Auto,
+    /// The device model on the kernels' CPU twins: the GPU program's memory, on the CPU.
+    Twin,
+}
+
+/// Where the steps run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runner {
+    Reference,
+    Cuda(usize),
+    Twin,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,8 +65,9 @@ struct Args {
     /// Memory budget of the pool: bytes, or with a unit KiB, MiB, GiB (e.g. 16GiB, 1.5GiB).
     #[arg(long, default_value = "16GiB")]
     mem_budget: String,
-    /// Where to run. The model has no CUDA backend yet: cuda (or auto on a GPU machine) says
-    /// so on one line and runs on the CPU; the plan is printed for the requested device.
+    /// Where to run: cpu (the reference model), cuda (the device model on the GPU; without a
+    /// usable GPU one line says why and the CPU runs), auto, or twin (the device model on the
+    /// kernels' CPU twins).
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// Print the plan and exit.
@@ -180,20 +195,26 @@ fn model_config(args: &Args) -> AnyResult<ModelConfig> {
     Ok(cfg)
 }
 
-/// `(device to plan for, device to run on)`.
-fn devices(arg: DeviceArg) -> (Device, Device) {
-    let requested = match arg {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda(0),
-        DeviceArg::Auto => Device::cuda_if_available(),
-    };
-    if requested.is_cuda() {
-        eprintln!(
-            "{requested}: the model's CUDA backend is not implemented yet; running on the CPU \
-             (the plan is shown for {requested}, unverified)"
-        );
+/// `(device to plan for, what runs)`.
+fn devices(arg: DeviceArg) -> (Device, Runner) {
+    match arg {
+        DeviceArg::Cpu => (Device::Cpu, Runner::Reference),
+        DeviceArg::Twin => (Device::Cpu, Runner::Twin),
+        DeviceArg::Auto => match Device::cuda_if_available() {
+            Device::Cuda(i) => (Device::Cuda(i), Runner::Cuda(i)),
+            Device::Cpu => (Device::Cpu, Runner::Reference),
+        },
+        DeviceArg::Cuda => match reformer_kernels::probe(0) {
+            Ok(info) => {
+                eprintln!("using CUDA device 0: {}", info.name);
+                (Device::Cuda(0), Runner::Cuda(0))
+            }
+            Err(e) => {
+                eprintln!("--device cuda: no usable GPU ({e}); running on the CPU");
+                (Device::Cpu, Runner::Reference)
+            }
+        },
     }
-    (requested, Device::Cpu)
 }
 
 /// The engine's error inside the layers' wrappers, if that is what `e` is.
@@ -246,7 +267,8 @@ fn data(args: &Args) -> AnyResult<TextData> {
 fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) -> AnyResult<()> {
     let budget = parse_bytes(&args.mem_budget)?;
     let cfg = model_config(args)?;
-    let (plan_device, run_device) = devices(args.device);
+    let (plan_device, runner) = devices(args.device);
+    let run_device = plan_device;
     let dtype = match args.dtype {
         DTypeArg::F32 => DType::F32,
         DTypeArg::Bf16 => DType::BF16,
@@ -263,6 +285,7 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     put(summary, "rounds", cfg.n_rounds.into());
     put(summary, "eval_rounds", cfg.eval_rounds.into());
     put(summary, "device", run_device.to_string().into());
+    put(summary, "runner", format!("{runner:?}").into());
     put(summary, "plan_device", plan_device.to_string().into());
     put(summary, "budget_bytes", budget.into());
     put(summary, "threads", threads.into());
@@ -312,13 +335,28 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     if args.plan {
         return Ok(());
     }
-    // The CPU run uses the CPU plan (the figures are the same; only the notes differ).
+    // The run uses the f32 plan (the engine stores f32).
     let train_plan = MemoryPlan::for_training_step(&cfg, len, run_device, DType::F32)?;
     let infer_plan = MemoryPlan::for_inference(&cfg, len, run_device, DType::F32)?;
 
-    let pool = MemoryPool::with_budget(budget);
     let data = data(args)?;
     let window = data.train_window(args.seed, 0, len)?.to_vec();
+    let plans = (&train_plan, &infer_plan);
+    match runner {
+        Runner::Cuda(ordinal) => {
+            let backend = CudaBackend::new(ordinal, Some(budget)).map_err(|e| describe(&e))?;
+            println!("device: {}", backend.describe());
+            return run_device_model(backend, &cfg, args, &window, plans, summary);
+        }
+        Runner::Twin => {
+            let pool = MemoryPool::with_budget(budget);
+            let backend = HostBackend::new(&pool);
+            println!("device: {}", backend.describe());
+            return run_device_model(backend, &cfg, args, &window, plans, summary);
+        }
+        Runner::Reference => {}
+    }
+    let pool = MemoryPool::with_budget(budget);
     let mut train_peak = 0usize;
     let mut model = if args.steps > 0 {
         let schedule = LrSchedule {
@@ -409,6 +447,130 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
             "infer_measured_over_plan",
             (infer_peak as f64 / infer_plan.total as f64).into(),
         );
+    }
+    if let Some(rss) = peak_rss() {
+        put(summary, "peak_rss_bytes", rss.into());
+    }
+    Ok(())
+}
+
+/// Training steps and inference passes of the device model on `backend`: the same report as
+/// the reference path, with the device pool's peak (and, on a GPU, the driver's reading).
+fn run_device_model<B: Backend>(
+    backend: B,
+    cfg: &ModelConfig,
+    args: &Args,
+    window: &[u8],
+    (train_plan, infer_plan): (&MemoryPlan, &MemoryPlan),
+    summary: &mut serde_json::Map<String, serde_json::Value>,
+) -> AnyResult<()> {
+    let len = args.len;
+    let put =
+        |m: &mut serde_json::Map<String, serde_json::Value>, k: &str, v: serde_json::Value| {
+            m.insert(k.to_string(), v);
+        };
+    put(summary, "backend", backend.describe().into());
+    // Parameters are drawn on the host (as the reference model draws them) and uploaded.
+    let mut lm = {
+        let host_pool = MemoryPool::unlimited();
+        let host = ReformerLm::new(cfg, &host_pool)?;
+        DeviceLm::from_model(backend, &host).map_err(|e| describe(&e))?
+    };
+    let schedule = LrSchedule {
+        warmup: 1,
+        total_steps: args.steps as u64,
+        ..LrSchedule::default()
+    };
+    let driver = |lm: &DeviceLm<B>| {
+        lm.backend()
+            .driver_used_bytes()
+            .map(|b| format!("; driver reports {} in use", human_bytes(b)))
+            .unwrap_or_default()
+    };
+    let phase = |name: &str,
+                 n: usize,
+                 plan: &MemoryPlan,
+                 lm: &mut DeviceLm<B>,
+                 summary: &mut serde_json::Map<String, serde_json::Value>,
+                 train: bool|
+     -> AnyResult<()> {
+        let mut times = Vec::new();
+        let mut peak_max = 0usize;
+        let mut driver_max = 0usize;
+        for i in 0..n {
+            lm.backend().reset_peak();
+            let t0 = Instant::now();
+            let loss = if train {
+                let step = i as u64;
+                lm.zero_grad()?;
+                let loss = lm
+                    .train_step_grads(window, &StepContext::train(step))
+                    .map_err(|e| format!("training step {i} stopped: {}", describe(&e)))?;
+                lm.adam_update(AdamConfig::default(), schedule.lr_at(step))
+                    .map_err(|e| format!("training step {i} stopped: {}", describe(&e)))?;
+                loss
+            } else {
+                lm.eval_loss(window, &StepContext::eval(i as u64))
+                    .map_err(|e| format!("inference pass {i} stopped: {}", describe(&e)))?
+            };
+            lm.backend().synchronize()?;
+            let dt = t0.elapsed().as_secs_f64();
+            times.push(dt);
+            let peak = lm.backend().peak_bytes();
+            peak_max = peak_max.max(peak);
+            driver_max = driver_max.max(lm.backend().driver_used_bytes().unwrap_or(0));
+            println!(
+                "{name} {i}: {dt:.3} s, {:.0} tokens/s, loss {loss:.3}; device pool peak {} \
+                 (plan {}, measured/plan {:.4}){}; peak RSS {}",
+                len as f64 / dt,
+                human_bytes(peak),
+                human_bytes(plan.total),
+                peak as f64 / plan.total as f64,
+                driver(lm),
+                rss_text()
+            );
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let key = if train { "train" } else { "infer" };
+        put(summary, &format!("{key}_count"), n.into());
+        put(summary, &format!("{key}_s_median"), median.into());
+        put(summary, &format!("{key}_s_all"), times.clone().into());
+        put(
+            summary,
+            &format!("{key}_tokens_per_s"),
+            (len as f64 / median).into(),
+        );
+        put(summary, &format!("{key}_peak_bytes"), peak_max.into());
+        put(
+            summary,
+            &format!("{key}_measured_over_plan"),
+            (peak_max as f64 / plan.total as f64).into(),
+        );
+        if driver_max > 0 {
+            put(
+                summary,
+                &format!("{key}_driver_used_bytes"),
+                driver_max.into(),
+            );
+        }
+        Ok(())
+    };
+    if args.steps > 0 {
+        phase("train step", args.steps, train_plan, &mut lm, summary, true)?;
+    }
+    if args.infer > 0 {
+        lm.drop_optimizer_state();
+        lm.set_rounds(cfg.eval_rounds)?;
+        phase(
+            "inference pass",
+            args.infer,
+            infer_plan,
+            &mut lm,
+            summary,
+            false,
+        )?;
     }
     if let Some(rss) = peak_rss() {
         put(summary, "peak_rss_bytes", rss.into());

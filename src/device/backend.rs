@@ -94,6 +94,11 @@ pub trait Backend {
     /// Bytes the device's pool holds now and at its peak.
     fn live_bytes(&self) -> usize;
     fn peak_bytes(&self) -> usize;
+    /// Starts a new peak at the live bytes.
+    fn reset_peak(&self);
+    /// Bytes in use on the device by the driver's reading (every allocator and context), where
+    /// there is a driver to ask.
+    fn driver_used_bytes(&self) -> Option<usize>;
 
     /// `dst(r, c) = (accumulate ? dst(r, c) : 0) + alpha · src(r, c)`.
     #[allow(clippy::too_many_arguments)]

@@ -127,6 +127,14 @@ impl Backend for CudaBackend {
         self.ctx.pool().peak_bytes()
     }
 
+    fn reset_peak(&self) {
+        self.ctx.pool().reset_peak();
+    }
+
+    fn driver_used_bytes(&self) -> Option<usize> {
+        self.ctx.memory_report().ok().map(|r| r.driver_used())
+    }
+
     fn copy2d(
         &self,
         src: &Buf,

@@ -140,6 +140,14 @@ impl Backend for HostBackend {
         self.pool.peak_bytes()
     }
 
+    fn reset_peak(&self) {
+        self.pool.reset_peak();
+    }
+
+    fn driver_used_bytes(&self) -> Option<usize> {
+        None
+    }
+
     fn copy2d(
         &self,
         src: &Tensor,

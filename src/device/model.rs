@@ -154,6 +154,12 @@ impl<B: Backend> DeviceLm<B> {
         Ok(())
     }
 
+    /// Frees Adam's moments (e.g. before inference-only passes); the next update starts
+    /// them from zero.
+    pub fn drop_optimizer_state(&mut self) {
+        self.adam = None;
+    }
+
     /// Sets every gradient to zero.
     pub fn zero_grad(&mut self) -> Result<()> {
         for g in &mut self.grads {
