@@ -70,6 +70,10 @@ struct Args {
     /// kernels' CPU twins).
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
+    /// On the GPU, run the dense products in TF32 on tensor cores (f32 accumulation; about
+    /// 1e-3 relative difference) instead of full f32.
+    #[arg(long)]
+    tf32: bool,
     /// Print the plan and exit.
     #[arg(long)]
     plan: bool,
@@ -345,7 +349,13 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     match runner {
         Runner::Cuda(ordinal) => {
             let backend = CudaBackend::new(ordinal, Some(budget)).map_err(|e| describe(&e))?;
-            println!("device: {}", backend.describe());
+            backend.set_tf32(args.tf32)?;
+            put(summary, "tf32", args.tf32.into());
+            println!(
+                "device: {}; dense products in {}",
+                backend.describe(),
+                if args.tf32 { "TF32" } else { "f32" }
+            );
             return run_device_model(backend, &cfg, args, &window, plans, summary);
         }
         Runner::Twin => {

@@ -52,6 +52,12 @@ impl CudaBackend {
     pub fn context(&self) -> &GpuContext {
         &self.ctx
     }
+
+    /// Dense products in TF32 on tensor cores (`true`) or full f32 (`false`, the default): see
+    /// [`matmul::set_tf32`].
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        Ok(matmul::set_tf32(&self.ctx, on)?)
+    }
 }
 
 fn k(s: Strided) -> KStrided {
