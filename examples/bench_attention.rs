@@ -1,21 +1,60 @@
-//! LSH attention against exact attention on this machine's CPU: for N = 2^10 … 2^19, forward
-//! and forward+backward time per token, the pool's peak bytes, and the LSH/exact ratio, for
-//! 2 heads × d_k 64, chunk 64, rounds 1, 2 and 4. Exact attention (blockwise, O(N) memory —
-//! the strongest exact baseline this engine has) runs while its predicted time stays within
-//! `--exact-budget` seconds. Writes a CSV, a JSON file and an SVG chart.
+//! LSH attention against exact attention, on this machine's CPU or on a CUDA GPU: for
+//! N = 2^10 … 2^19, forward and forward+backward time per token, peak bytes, and the
+//! exact/LSH ratio, for 2 heads × d_k 64, chunk 64, LSH rounds 1, 2 and 4, chunked local
+//! attention, and blockwise exact attention (O(N) memory — the strongest exact baseline this
+//! engine has), which runs while its predicted time stays within `--exact-budget` seconds.
+//! Writes a CSV, a JSON file and an SVG chart (rewritten after every length, so a run that is
+//! stopped keeps what it measured).
 //!
-//! cargo run --release --example bench_attention -- --out bench/out
+//! ```text
+//! cargo run --release --example bench_attention -- --out bench/out                # auto device
+//! bench_attention --device cuda --exact-budget 120 --also torch/attention.json    # GPU + torch rows
+//! ```
+//!
+//! `--device auto` (the default) uses the GPU when `reformer_kernels::probe` finds one usable
+//! and otherwise says why on one line and runs on the CPU; `--device cuda` without a usable GPU
+//! is an error. On the GPU the stream is synchronised before and after every timed region, the
+//! peak is the context's device pool's (reset before each case) and the driver's
+//! `cuMemGetInfo` reading is recorded beside it. Times are medians.
+//!
+//! `--also FILE` (repeatable) reads rows in this program's JSON schema — e.g. from
+//! `scripts/bench_torch_attention.py` — and puts them in the chart and the comparison, so one
+//! chart holds our kernels and PyTorch's.
+//!
+//! Row schema (CSV columns in this order; JSON objects with the same keys, `null` for empty):
+//! `kind, device, dtype, len, heads, d_k, chunk, reps, fwd_s, fwd_bwd_s, fwd_us_per_token,
+//! fwd_bwd_us_per_token, peak_fwd_bytes, peak_fwd_bwd_bytes, driver_fwd_bytes,
+//! driver_fwd_bwd_bytes, status`. Peaks include the inputs. `driver_*` (GPU only): the driver's
+//! used bytes right after the pass (outputs still live) less its reading before the length's
+//! inputs were uploaded. `status`: `ok`, or what went wrong (the kind then stops).
 
+use std::collections::HashSet;
+use std::error::Error;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use reformer_engine::{MemoryPool, Rng, Tensor};
-use reformer_lsh::{
-    exact_attention_backward, exact_attention_forward, lsh_attention_backward,
-    lsh_attention_forward, shared_qk_grad, shared_qk_rule, unit_keys, Buckets, LshConfig,
-    Rotations,
+use reformer_kernels::gpu::attention::{
+    self as gpu_attn, AttnDims, GpuLocalConfig, GpuLshConfig, LshBuckets,
 };
+use reformer_kernels::gpu::{DeviceBuffer, GpuContext};
+use reformer_lsh::{
+    exact_attention_backward, exact_attention_forward, local_attention_backward,
+    local_attention_forward, lsh_attention_backward, lsh_attention_forward, shared_qk_grad,
+    shared_qk_rule, unit_keys, Buckets, LocalConfig, LshConfig, Rotations,
+};
+use serde_json::{json, Value};
+
+type BoxError = Box<dyn Error>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
 
 struct Args {
     min_log2: u32,
@@ -24,9 +63,27 @@ struct Args {
     d: usize,
     chunk: usize,
     rounds: Vec<usize>,
+    local: bool,
     exact_budget: f64,
+    reps: Option<usize>,
+    device: DeviceArg,
+    also: Vec<PathBuf>,
     out: PathBuf,
 }
+
+const HELP: &str = "bench_attention [--device auto|cpu|cuda] [--min-log2 10] [--max-log2 19] \
+[--heads 2] [--d 64] [--chunk 64] [--rounds 1,2,4] [--no-local] [--exact-budget SECONDS] \
+[--reps N] [--also ROWS.json]... [--out DIR]
+
+  --device        auto: the GPU when one is usable, else the CPU (default); cpu; cuda (error
+                  without a usable GPU)
+  --exact-budget  exact attention stops before a length whose predicted time (all its
+                  repetitions, forward and forward+backward) passes this many seconds; 0 skips
+                  it (default 300)
+  --reps          repetitions of every case (default: by length and device)
+  --also          rows of another harness in this schema (e.g. scripts/bench_torch_attention.py's
+                  attention.json): drawn in the chart and compared with our LSH
+  --out           folder for attention.csv, attention.json, attention.svg";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -36,7 +93,11 @@ fn parse_args() -> Result<Args, String> {
         d: 64,
         chunk: 64,
         rounds: vec![1, 2, 4],
+        local: true,
         exact_budget: 300.0,
+        reps: None,
+        device: DeviceArg::Auto,
+        also: Vec::new(),
         out: PathBuf::from("target/bench_attention"),
     };
     let mut it = std::env::args().skip(1);
@@ -52,115 +113,648 @@ fn parse_args() -> Result<Args, String> {
             "--rounds" => {
                 a.rounds = val()?
                     .split(',')
+                    .filter(|s| !s.trim().is_empty())
                     .map(|s| s.trim().parse().map_err(|e| bad(&e)))
                     .collect::<Result<_, _>>()?
             }
+            "--no-local" => a.local = false,
             "--exact-budget" => a.exact_budget = val()?.parse().map_err(|e| bad(&e))?,
+            "--reps" => a.reps = Some(val()?.parse().map_err(|e| bad(&e))?),
+            "--device" => {
+                a.device = match val()?.as_str() {
+                    "cpu" => DeviceArg::Cpu,
+                    "cuda" | "gpu" => DeviceArg::Cuda,
+                    "auto" => DeviceArg::Auto,
+                    other => return Err(bad(&format!("`{other}` (cpu, cuda or auto)"))),
+                }
+            }
+            "--also" => a.also.push(PathBuf::from(val()?)),
             "--out" => a.out = PathBuf::from(val()?),
             "-h" | "--help" => {
-                println!(
-                    "bench_attention [--min-log2 10] [--max-log2 19] [--heads 2] [--d 64] [--chunk 64] \
-                     [--rounds 1,2,4] [--exact-budget SECONDS] [--out DIR]"
-                );
+                println!("{HELP}");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown flag {other}; see --help")),
         }
     }
+    if a.min_log2 > a.max_log2 || a.max_log2 > 30 {
+        return Err(format!(
+            "--min-log2 {} / --max-log2 {}: need min ≤ max ≤ 30",
+            a.min_log2, a.max_log2
+        ));
+    }
+    if a.heads == 0 || a.d == 0 || a.chunk == 0 {
+        return Err("--heads, --d and --chunk must be at least 1".into());
+    }
+    if a.rounds.contains(&0) {
+        return Err("--rounds: every entry must be at least 1".into());
+    }
+    if a.reps == Some(0) {
+        return Err("--reps must be at least 1".into());
+    }
     Ok(a)
 }
 
-#[derive(Clone)]
+/// One measured (or failed) case.
+#[derive(Clone, Debug)]
 struct Row {
     kind: String,
+    device: String,
+    dtype: String,
     len: usize,
+    heads: usize,
+    d_k: usize,
+    chunk: Option<usize>,
+    reps: usize,
+    fwd_s: Option<f64>,
+    fwd_bwd_s: Option<f64>,
+    peak_fwd: Option<usize>,
+    peak_fwd_bwd: Option<usize>,
+    driver_fwd: Option<usize>,
+    driver_fwd_bwd: Option<usize>,
+    status: String,
+}
+
+impl Row {
+    fn ok(&self) -> bool {
+        self.status == "ok" && self.fwd_bwd_s.is_some()
+    }
+
+    /// Exact attention of any harness (ours, or an `--also` file's).
+    fn is_exact(&self) -> bool {
+        !self.kind.starts_with("lsh") && self.kind != "local"
+    }
+
+    /// The row as one line of JSON, keys in the schema's order.
+    fn to_json(&self) -> String {
+        let per_tok = |s: Option<f64>| s.map(|s| 1e6 * s / self.len as f64);
+        let fields: [(&str, Value); 17] = [
+            ("kind", json!(self.kind)),
+            ("device", json!(self.device)),
+            ("dtype", json!(self.dtype)),
+            ("len", json!(self.len)),
+            ("heads", json!(self.heads)),
+            ("d_k", json!(self.d_k)),
+            ("chunk", json!(self.chunk)),
+            ("reps", json!(self.reps)),
+            ("fwd_s", json!(self.fwd_s)),
+            ("fwd_bwd_s", json!(self.fwd_bwd_s)),
+            ("fwd_us_per_token", json!(per_tok(self.fwd_s))),
+            ("fwd_bwd_us_per_token", json!(per_tok(self.fwd_bwd_s))),
+            ("peak_fwd_bytes", json!(self.peak_fwd)),
+            ("peak_fwd_bwd_bytes", json!(self.peak_fwd_bwd)),
+            ("driver_fwd_bytes", json!(self.driver_fwd)),
+            ("driver_fwd_bwd_bytes", json!(self.driver_fwd_bwd)),
+            ("status", json!(self.status)),
+        ];
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": {v}"))
+            .collect();
+        format!("{{{}}}", body.join(", "))
+    }
+
+    fn from_json(v: &Value) -> Option<Row> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let u = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
+        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        Some(Row {
+            kind: s("kind")?,
+            device: s("device").unwrap_or_default(),
+            dtype: s("dtype").unwrap_or_default(),
+            len: u("len")?,
+            heads: u("heads").unwrap_or(0),
+            d_k: u("d_k").unwrap_or(0),
+            chunk: u("chunk"),
+            reps: u("reps").unwrap_or(0),
+            fwd_s: f("fwd_s"),
+            fwd_bwd_s: f("fwd_bwd_s"),
+            peak_fwd: u("peak_fwd_bytes"),
+            peak_fwd_bwd: u("peak_fwd_bwd_bytes"),
+            driver_fwd: u("driver_fwd_bytes"),
+            driver_fwd_bwd: u("driver_fwd_bwd_bytes"),
+            status: s("status").unwrap_or_else(|| "ok".into()),
+        })
+    }
+}
+
+const CSV_HEADER: &str = "kind,device,dtype,len,heads,d_k,chunk,reps,fwd_s,fwd_bwd_s,\
+fwd_us_per_token,fwd_bwd_us_per_token,peak_fwd_bytes,peak_fwd_bwd_bytes,driver_fwd_bytes,\
+driver_fwd_bwd_bytes,status";
+
+/// A CSV field: commas and quotes replaced, so the columns stay put.
+fn csv_text(s: &str) -> String {
+    s.replace([',', '"', '\n'], " ")
+}
+
+fn opt<T: std::fmt::Display>(x: Option<T>) -> String {
+    x.map(|x| x.to_string()).unwrap_or_default()
+}
+
+fn csv_line(r: &Row) -> String {
+    let per_tok = |s: Option<f64>| s.map(|s| format!("{:.4}", 1e6 * s / r.len as f64));
+    format!(
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        csv_text(&r.kind),
+        csv_text(&r.device),
+        csv_text(&r.dtype),
+        r.len,
+        r.heads,
+        r.d_k,
+        opt(r.chunk),
+        r.reps,
+        opt(r.fwd_s.map(|s| format!("{s:.6}"))),
+        opt(r.fwd_bwd_s.map(|s| format!("{s:.6}"))),
+        opt(per_tok(r.fwd_s)),
+        opt(per_tok(r.fwd_bwd_s)),
+        opt(r.peak_fwd),
+        opt(r.peak_fwd_bwd),
+        opt(r.driver_fwd),
+        opt(r.driver_fwd_bwd),
+        csv_text(&r.status)
+    )
+}
+
+/// One timed pass: seconds, and (GPU) the driver's used bytes right after it.
+struct Sample {
+    secs: f64,
+    driver_used: Option<usize>,
+}
+
+/// What [`measure`] found for one case.
+struct Measured {
+    reps: usize,
     fwd_s: f64,
     fwd_bwd_s: f64,
     peak_fwd: usize,
     peak_fwd_bwd: usize,
+    driver_fwd: Option<usize>,
+    driver_fwd_bwd: Option<usize>,
 }
 
-/// Median of `reps` runs of `f`, which returns seconds.
-fn median(mut f: impl FnMut() -> f64, reps: usize) -> f64 {
-    let mut t: Vec<f64> = (0..reps).map(|_| f()).collect();
-    t.sort_by(|a, b| a.total_cmp(b));
-    t[t.len() / 2]
+/// The memory counters of the device a case runs on.
+struct Counters<'a> {
+    reset_peak: &'a dyn Fn(),
+    peak: &'a dyn Fn() -> usize,
+    /// The driver's used bytes before this length's inputs (GPU).
+    driver_base: Option<usize>,
 }
 
-fn reps_for(len: usize) -> usize {
-    if len <= 1 << 14 {
-        5
-    } else if len <= 1 << 17 {
-        3
-    } else {
-        1
-    }
-}
-
-/// Exact attention's repetitions: one run once a length takes tens of seconds.
-fn exact_reps(len: usize) -> usize {
-    if len >= 1 << 15 {
-        1
-    } else {
-        reps_for(len)
-    }
-}
-
-type Run<'a> = dyn Fn(bool) -> Result<(), Box<dyn std::error::Error>> + 'a;
-
-/// Times forward and forward+backward and records the pool's peak for each.
+/// Medians of `reps` forward and `reps` forward+backward passes, with the peak of each
+/// (reset before each), after `warmup` untimed forward+backward passes.
 fn measure(
-    kind: &str,
-    len: usize,
     reps: usize,
-    pool: &MemoryPool,
-    run: &Run,
-) -> Result<Row, Box<dyn std::error::Error>> {
-    let mut err = None;
-    let mut timed = |backward: bool| {
-        median(
-            || {
-                let t = Instant::now();
-                if let Err(e) = run(backward) {
-                    err = Some(e);
-                }
-                t.elapsed().as_secs_f64()
-            },
-            reps,
-        )
-    };
-    pool.reset_peak();
-    let fwd_s = timed(false);
-    let peak_fwd = pool.peak_bytes();
-    pool.reset_peak();
-    let fwd_bwd_s = timed(true);
-    let peak_fwd_bwd = pool.peak_bytes();
-    if let Some(e) = err {
-        return Err(e);
+    warmup: usize,
+    counters: &Counters,
+    run: &mut dyn FnMut(bool) -> Result<Sample, BoxError>,
+) -> Result<Measured, BoxError> {
+    for _ in 0..warmup {
+        run(true)?;
     }
-    Ok(Row {
-        kind: kind.to_string(),
-        len,
+    let mut timed = |backward: bool| -> Result<(f64, usize, Option<usize>), BoxError> {
+        (counters.reset_peak)();
+        let mut secs = Vec::with_capacity(reps);
+        let mut driver: Option<usize> = None;
+        for _ in 0..reps {
+            let s = run(backward)?;
+            secs.push(s.secs);
+            if let (Some(used), Some(base)) = (s.driver_used, counters.driver_base) {
+                let d = used.saturating_sub(base);
+                driver = Some(driver.map_or(d, |x| x.max(d)));
+            }
+        }
+        secs.sort_by(|a, b| a.total_cmp(b));
+        Ok((secs[secs.len() / 2], (counters.peak)(), driver))
+    };
+    let (fwd_s, peak_fwd, driver_fwd) = timed(false)?;
+    let (fwd_bwd_s, peak_fwd_bwd, driver_fwd_bwd) = timed(true)?;
+    Ok(Measured {
+        reps,
         fwd_s,
         fwd_bwd_s,
         peak_fwd,
         peak_fwd_bwd,
+        driver_fwd,
+        driver_fwd_bwd,
     })
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Where the benchmark runs.
+enum Backend {
+    Cpu { name: String },
+    Cuda { ctx: Box<GpuContext>, name: String },
+}
+
+impl Backend {
+    fn name(&self) -> &str {
+        match self {
+            Backend::Cpu { name } | Backend::Cuda { name, .. } => name,
+        }
+    }
+
+    fn is_gpu(&self) -> bool {
+        matches!(self, Backend::Cuda { .. })
+    }
+
+    /// Repetitions of an LSH or local case of length `len`.
+    fn reps(&self, len: usize) -> usize {
+        match self {
+            Backend::Cpu { .. } if len <= 1 << 14 => 5,
+            Backend::Cpu { .. } if len <= 1 << 17 => 3,
+            Backend::Cpu { .. } => 1,
+            Backend::Cuda { .. } if len <= 1 << 14 => 10,
+            Backend::Cuda { .. } if len <= 1 << 17 => 5,
+            Backend::Cuda { .. } => 3,
+        }
+    }
+
+    /// Exact attention's repetitions: one run once a length takes (tens of) seconds.
+    fn exact_reps(&self, len: usize) -> usize {
+        match self {
+            Backend::Cpu { .. } if len >= 1 << 15 => 1,
+            Backend::Cuda { .. } if len >= 1 << 17 => 1,
+            Backend::Cuda { .. } if len >= 1 << 15 => 3,
+            _ => self.reps(len),
+        }
+    }
+}
+
+fn cpu_name(threads: usize) -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown model".into());
+    format!("cpu {model} ({threads} threads)")
+}
+
+fn open_backend(device: DeviceArg, threads: usize) -> Result<Backend, String> {
+    let cpu = || Backend::Cpu {
+        name: cpu_name(threads),
+    };
+    if device == DeviceArg::Cpu {
+        return Ok(cpu());
+    }
+    let opened = reformer_kernels::probe(0).and_then(|info| {
+        let ctx = GpuContext::new(info.ordinal)?;
+        ctx.pool().set_poison(false);
+        Ok(ctx)
+    });
+    match (opened, device) {
+        (Ok(ctx), _) => {
+            let name = ctx.info().name.clone();
+            Ok(Backend::Cuda {
+                ctx: Box::new(ctx),
+                name,
+            })
+        }
+        (Err(e), DeviceArg::Cuda) => Err(format!("--device cuda: no usable GPU: {e}")),
+        (Err(e), _) => {
+            println!("bench_attention: no usable GPU ({e}); running on the CPU");
+            Ok(cpu())
+        }
+    }
+}
+
+/// What one length runs.
+struct LengthPlan<'a> {
+    len: usize,
+    exact: bool,
+    /// Kinds that failed at a shorter length (skipped from then on).
+    dead: &'a HashSet<String>,
+    /// Kinds measured at no length yet (the GPU warms them up first).
+    warmed: &'a HashSet<String>,
+}
+
+fn lsh_kind(rounds: usize) -> String {
+    format!("lsh r={rounds}")
+}
+
+fn base_row(args: &Args, backend: &Backend, kind: &str, len: usize) -> Row {
+    Row {
+        kind: kind.to_string(),
+        device: backend.name().to_string(),
+        dtype: "f32".into(),
+        len,
+        heads: args.heads,
+        d_k: args.d,
+        chunk: (kind != "exact").then_some(args.chunk),
+        reps: 0,
+        fwd_s: None,
+        fwd_bwd_s: None,
+        peak_fwd: None,
+        peak_fwd_bwd: None,
+        driver_fwd: None,
+        driver_fwd_bwd: None,
+        status: "ok".into(),
+    }
+}
+
+fn finish_row(mut row: Row, m: Result<Measured, BoxError>) -> Row {
+    match m {
+        Ok(m) => {
+            row.reps = m.reps;
+            row.fwd_s = Some(m.fwd_s);
+            row.fwd_bwd_s = Some(m.fwd_bwd_s);
+            row.peak_fwd = Some(m.peak_fwd);
+            row.peak_fwd_bwd = Some(m.peak_fwd_bwd);
+            row.driver_fwd = m.driver_fwd;
+            row.driver_fwd_bwd = m.driver_fwd_bwd;
+        }
+        Err(e) => {
+            let msg = e.to_string().replace('\n', " ");
+            println!("({} at N = {}: {msg}; it stops here)", row.kind, row.len);
+            row.status = format!("failed: {msg}");
+        }
+    }
+    row
+}
+
+/// Every case of one length on the CPU.
+fn bench_length_cpu(
+    args: &Args,
+    backend: &Backend,
+    plan: &LengthPlan,
+    rng: &mut Rng,
+) -> Result<Vec<Row>, BoxError> {
+    let len = plan.len;
+    let pool = MemoryPool::unlimited();
+    let shape = [args.heads, len, args.d];
+    let qk = Tensor::randn(&pool, &shape, 1.0, rng)?;
+    let v = Tensor::randn(&pool, &shape, 1.0, rng)?;
+    let g = Tensor::randn(&pool, &shape, 1.0, rng)?;
+    let counters = Counters {
+        reset_peak: &|| pool.reset_peak(),
+        peak: &|| pool.peak_bytes(),
+        driver_base: None,
+    };
+    let reps = |exact: bool| {
+        args.reps.unwrap_or(if exact {
+            backend.exact_reps(len)
+        } else {
+            backend.reps(len)
+        })
+    };
+    let timed = |f: &dyn Fn(bool) -> Result<(), BoxError>, backward: bool| {
+        let t = Instant::now();
+        f(backward)?;
+        Ok::<_, BoxError>(Sample {
+            secs: t.elapsed().as_secs_f64(),
+            driver_used: None,
+        })
+    };
+    let mut rows = Vec::new();
+    if plan.exact && !plan.dead.contains("exact") {
+        let rule = shared_qk_rule(true);
+        let run = |backward: bool| -> Result<(), BoxError> {
+            let k = unit_keys(&qk)?;
+            let (o, lse) = exact_attention_forward(&qk, &k, &v, rule, None)?;
+            if backward {
+                let (dq, dk, dv) = exact_attention_backward(&qk, &k, &v, &o, &lse, &g, rule, None)?;
+                drop((shared_qk_grad(&qk, dq, &dk), dv));
+            }
+            Ok(())
+        };
+        let m = measure(reps(true), 0, &counters, &mut |b| timed(&run, b));
+        rows.push(finish_row(base_row(args, backend, "exact", len), m));
+    }
+    for &rounds in &args.rounds {
+        let kind = lsh_kind(rounds);
+        if plan.dead.contains(&kind) {
+            continue;
+        }
+        let rot = Rotations::random(args.d, rounds, Buckets::auto(len, args.chunk), rng)?;
+        let cfg = LshConfig {
+            chunk_len: args.chunk,
+            causal: true,
+        };
+        let run = |backward: bool| -> Result<(), BoxError> {
+            let (o, saved) = lsh_attention_forward(&qk, &v, &rot, &cfg, None)?;
+            if backward {
+                drop(lsh_attention_backward(
+                    &qk, &v, &o, &g, &saved, &rot, &cfg, None,
+                )?);
+            }
+            Ok(())
+        };
+        let m = measure(reps(false), 0, &counters, &mut |b| timed(&run, b));
+        rows.push(finish_row(base_row(args, backend, &kind, len), m));
+    }
+    if args.local && !plan.dead.contains("local") {
+        // Local attention has separate keys: they count in its peak only.
+        let k = Tensor::randn(&pool, &shape, 1.0, rng)?;
+        let cfg = LocalConfig {
+            chunk_len: args.chunk,
+            causal: true,
+        };
+        let run = |backward: bool| -> Result<(), BoxError> {
+            let (o, lse) = local_attention_forward(&qk, &k, &v, &cfg, None)?;
+            if backward {
+                drop(local_attention_backward(
+                    &qk, &k, &v, &o, &lse, &g, &cfg, None,
+                )?);
+            }
+            Ok(())
+        };
+        let m = measure(reps(false), 0, &counters, &mut |b| timed(&run, b));
+        rows.push(finish_row(base_row(args, backend, "local", len), m));
+    }
+    Ok(rows)
+}
+
+fn gpu_buckets(b: &Buckets) -> LshBuckets {
+    match *b {
+        Buckets::Single(b) => LshBuckets::single(b),
+        Buckets::Factorised(b1, b2) => LshBuckets::factorised(b1, b2),
+    }
+}
+
+/// Every case of one length on the GPU.
+fn bench_length_gpu(
+    args: &Args,
+    backend: &Backend,
+    ctx: &GpuContext,
+    plan: &LengthPlan,
+    rng: &mut Rng,
+) -> Result<Vec<Row>, BoxError> {
+    let len = plan.len;
+    let dims = AttnDims::new(args.heads, len, args.d);
+    ctx.synchronize()?;
+    let driver_base = ctx.memory_report()?.driver_used();
+    let randn = |rng: &mut Rng| -> Result<DeviceBuffer<f32>, BoxError> {
+        let mut host = vec![0.0f32; dims.numel()];
+        rng.fill_normal(&mut host, 1.0);
+        Ok(ctx.upload(&host)?)
+    };
+    let qk = randn(rng)?;
+    let v = randn(rng)?;
+    let g = randn(rng)?;
+    let pool = ctx.pool();
+    let counters = Counters {
+        reset_peak: &|| pool.reset_peak(),
+        peak: &|| pool.peak_bytes(),
+        driver_base: Some(driver_base),
+    };
+    let reps = |exact: bool| {
+        args.reps.unwrap_or(if exact {
+            backend.exact_reps(len)
+        } else {
+            backend.reps(len)
+        })
+    };
+    // One untimed pass for a kind's first length (kernel loading, allocator) and for short
+    // lengths, where it costs nothing.
+    let warmup = |kind: &str| usize::from(!plan.warmed.contains(kind) || len <= 1 << 14);
+    // Synchronise, run, synchronise: the timed region holds exactly the pass; the driver is
+    // read while the pass's outputs are still live.
+    let timed = |f: &dyn Fn(bool) -> Result<Box<dyn std::any::Any>, BoxError>, backward: bool| {
+        ctx.synchronize()?;
+        let t = Instant::now();
+        let outputs = f(backward)?;
+        ctx.synchronize()?;
+        let secs = t.elapsed().as_secs_f64();
+        let used = ctx.memory_report()?.driver_used();
+        drop(outputs);
+        Ok::<_, BoxError>(Sample {
+            secs,
+            driver_used: Some(used),
+        })
+    };
+    let mut rows = Vec::new();
+    if plan.exact && !plan.dead.contains("exact") {
+        let run = |backward: bool| -> Result<Box<dyn std::any::Any>, BoxError> {
+            let (o, lse) = gpu_attn::exact_shared_qk_forward(ctx, &qk, &v, dims, true, None)?;
+            if backward {
+                let grads = gpu_attn::exact_shared_qk_backward(
+                    ctx, &qk, &v, &o, &lse, &g, dims, true, None,
+                )?;
+                return Ok(Box::new((o, lse, grads)));
+            }
+            Ok(Box::new((o, lse)))
+        };
+        let m = measure(reps(true), warmup("exact"), &counters, &mut |b| {
+            timed(&run, b)
+        });
+        rows.push(finish_row(base_row(args, backend, "exact", len), m));
+    }
+    for &rounds in &args.rounds {
+        let kind = lsh_kind(rounds);
+        if plan.dead.contains(&kind) {
+            continue;
+        }
+        let buckets = Buckets::auto(len, args.chunk);
+        let cfg = GpuLshConfig {
+            buckets: gpu_buckets(&buckets),
+            n_rounds: rounds,
+            chunk_len: args.chunk,
+            causal: true,
+        };
+        let rot = Rotations::random(args.d, rounds, buckets, rng)?;
+        let run = |backward: bool| -> Result<Box<dyn std::any::Any>, BoxError> {
+            let (o, saved) =
+                gpu_attn::lsh_attention_forward(ctx, &qk, &v, dims, &rot.data, &cfg, None)?;
+            if backward {
+                let grads =
+                    gpu_attn::lsh_attention_backward(ctx, &qk, &v, &o, &g, &saved, &cfg, None)?;
+                return Ok(Box::new((o, saved, grads)));
+            }
+            Ok(Box::new((o, saved)))
+        };
+        let m = measure(reps(false), warmup(&kind), &counters, &mut |b| {
+            timed(&run, b)
+        });
+        rows.push(finish_row(base_row(args, backend, &kind, len), m));
+    }
+    if args.local && !plan.dead.contains("local") {
+        let k = randn(rng)?;
+        let cfg = GpuLocalConfig {
+            chunk_len: args.chunk,
+            causal: true,
+        };
+        let run = |backward: bool| -> Result<Box<dyn std::any::Any>, BoxError> {
+            let (o, lse) = gpu_attn::local_attention_forward(ctx, &qk, &k, &v, dims, &cfg, None)?;
+            if backward {
+                let grads = gpu_attn::local_attention_backward(
+                    ctx, &qk, &k, &v, &o, &lse, &g, dims, &cfg, None,
+                )?;
+                return Ok(Box::new((o, lse, grads)));
+            }
+            Ok(Box::new((o, lse)))
+        };
+        let m = measure(reps(false), warmup("local"), &counters, &mut |b| {
+            timed(&run, b)
+        });
+        rows.push(finish_row(base_row(args, backend, "local", len), m));
+    }
+    Ok(rows)
+}
+
+fn read_also(paths: &[PathBuf]) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for p in paths {
+        let text =
+            std::fs::read_to_string(p).map_err(|e| format!("--also {}: {e}", p.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("--also {}: not JSON: {e}", p.display()))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| format!("--also {}: expected a JSON array of rows", p.display()))?;
+        let before = rows.len();
+        rows.extend(arr.iter().filter_map(Row::from_json));
+        println!(
+            "bench_attention: {} rows from {}",
+            rows.len() - before,
+            p.display()
+        );
+    }
+    Ok(rows)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench_attention: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), BoxError> {
     let args = parse_args()?;
-    std::fs::create_dir_all(&args.out)?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let also = read_also(&args.also)?;
     let threads = rayon::current_num_threads();
+    let backend = open_backend(args.device, threads)?;
+    if let Backend::Cuda { ctx, name } = &backend {
+        let t = Instant::now();
+        ctx.load_all()?;
+        println!(
+            "bench_attention: {name} ({}), kernels compiled and loaded in {:.1} s; {}",
+            ctx.arch(),
+            t.elapsed().as_secs_f64(),
+            ctx.memory_report()?
+        );
+    }
     println!(
-        "bench_attention: {} heads × d_k {}, chunk {}, rounds {:?}, {} threads; times are medians; \
-         peaks include the inputs (qk, v, d_out)",
-        args.heads, args.d, args.chunk, args.rounds, threads
+        "bench_attention on {}: {} heads × d_k {}, chunk {}, rounds {:?}; times are medians; \
+         peaks include the inputs (qk, v, d_out; local adds k)",
+        backend.name(),
+        args.heads,
+        args.d,
+        args.chunk,
+        args.rounds
     );
     println!(
-        "{:>14} {:>8} {:>12} {:>14} {:>12} {:>14} {:>10}",
+        "{:>14} {:>8} {:>5} {:>12} {:>14} {:>12} {:>14} {:>10}",
         "kind",
         "N",
+        "reps",
         "fwd µs/tok",
         "fwd+bwd µs/tok",
         "peak fwd B/tok",
@@ -169,122 +763,87 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut rows: Vec<Row> = Vec::new();
     let mut exact_alive = true;
+    let mut dead: HashSet<String> = HashSet::new();
+    let mut warmed: HashSet<String> = HashSet::new();
     for log2 in args.min_log2..=args.max_log2 {
         let len = 1usize << log2;
-        let pool = MemoryPool::unlimited();
         let mut rng = Rng::new(log2 as u64);
-        let shape = [args.heads, len, args.d];
-        let qk = Tensor::randn(&pool, &shape, 1.0, &mut rng)?;
-        let v = Tensor::randn(&pool, &shape, 1.0, &mut rng)?;
-        let g = Tensor::randn(&pool, &shape, 1.0, &mut rng)?;
-        let mut here: Vec<Row> = Vec::new();
-
-        // Exact first: the ratio column needs it.
+        // Exact attention's cost grows ~4x per doubling: stop before a length would take longer
+        // than the budget; a budget of 0 skips exact attention altogether.
         let exact_prev = rows
             .iter()
             .rev()
-            .find(|r| r.kind == "exact")
-            .map(|r| r.fwd_bwd_s + r.fwd_s);
-        // Exact attention's cost grows ~4x per doubling: stop before a length would take longer
-        // than the budget; a budget of 0 skips exact attention altogether.
+            .find(|r| r.kind == "exact" && r.ok())
+            .map(|r| r.fwd_bwd_s.unwrap_or(0.0) + r.fwd_s.unwrap_or(0.0));
+        let exact_reps = args.reps.unwrap_or(backend.exact_reps(len)) as f64;
         if exact_alive
             && (args.exact_budget <= 0.0
-                || exact_prev.is_some_and(|t| 4.2 * t * exact_reps(len) as f64 > args.exact_budget))
+                || exact_prev.is_some_and(|t| 4.2 * t * exact_reps > args.exact_budget))
         {
             exact_alive = false;
             println!(
-                "(exact attention stops here: the next length would take over {:.0} s)",
+                "(exact attention stops here: N = {len} would take over {:.0} s)",
                 args.exact_budget
             );
         }
-        if exact_alive {
-            let rule = shared_qk_rule(true);
-            let row = measure("exact", len, exact_reps(len), &pool, &|backward| {
-                let k = unit_keys(&qk)?;
-                let (o, lse) = exact_attention_forward(&qk, &k, &v, rule, None)?;
-                if backward {
-                    let (dq, dk, dv) =
-                        exact_attention_backward(&qk, &k, &v, &o, &lse, &g, rule, None)?;
-                    drop((shared_qk_grad(&qk, dq, &dk), dv));
-                }
-                Ok(())
-            })?;
-            here.push(row);
-        }
-        for &rounds in &args.rounds {
-            let rot = Rotations::random(args.d, rounds, Buckets::auto(len, args.chunk), &mut rng)?;
-            let cfg = LshConfig {
-                chunk_len: args.chunk,
-                causal: true,
-            };
-            let row = measure(
-                &format!("lsh r={rounds}"),
-                len,
-                reps_for(len),
-                &pool,
-                &|backward| {
-                    let (o, saved) = lsh_attention_forward(&qk, &v, &rot, &cfg, None)?;
-                    if backward {
-                        drop(lsh_attention_backward(
-                            &qk, &v, &o, &g, &saved, &rot, &cfg, None,
-                        )?);
-                    }
-                    Ok(())
-                },
-            )?;
-            here.push(row);
-        }
-        let exact_fb = here.iter().find(|r| r.kind == "exact").map(|r| r.fwd_bwd_s);
+        let plan = LengthPlan {
+            len,
+            exact: exact_alive,
+            dead: &dead,
+            warmed: &warmed,
+        };
+        let here = match &backend {
+            Backend::Cpu { .. } => bench_length_cpu(&args, &backend, &plan, &mut rng),
+            Backend::Cuda { ctx, .. } => bench_length_gpu(&args, &backend, ctx, &plan, &mut rng),
+        };
+        let here = match here {
+            Ok(h) => h,
+            Err(e) => {
+                // The inputs themselves did not fit (or the device failed): no longer length will.
+                println!("(N = {len}: {e}; stopping)");
+                break;
+            }
+        };
+        let exact_fb = here
+            .iter()
+            .chain(
+                also.iter()
+                    .filter(|r| r.len == len && r.heads == args.heads),
+            )
+            .filter(|r| r.is_exact() && r.ok())
+            .filter_map(|r| r.fwd_bwd_s)
+            .min_by(|a, b| a.total_cmp(b));
         for r in &here {
+            warmed.insert(r.kind.clone());
+            if !r.ok() {
+                dead.insert(r.kind.clone());
+                continue;
+            }
             let n = r.len as f64;
-            let ratio = exact_fb
-                .map(|e| format!("{:.2}", e / r.fwd_bwd_s))
-                .unwrap_or_else(|| "-".into());
+            let per_tok = |s: Option<f64>| 1e6 * s.unwrap_or(f64::NAN) / n;
+            let per_tok_b = |b: Option<usize>| b.map_or(f64::NAN, |b| b as f64 / n);
+            let ratio = match (exact_fb, r.fwd_bwd_s) {
+                (Some(e), Some(t)) => format!("{:.2}", e / t),
+                _ => "-".into(),
+            };
             println!(
-                "{:>14} {:>8} {:>12.3} {:>14.3} {:>12.0} {:>14.0} {:>10}",
+                "{:>14} {:>8} {:>5} {:>12.3} {:>14.3} {:>12.0} {:>14.0} {:>10}",
                 r.kind,
                 r.len,
-                1e6 * r.fwd_s / n,
-                1e6 * r.fwd_bwd_s / n,
-                r.peak_fwd as f64 / n,
-                r.peak_fwd_bwd as f64 / n,
+                r.reps,
+                per_tok(r.fwd_s),
+                per_tok(r.fwd_bwd_s),
+                per_tok_b(r.peak_fwd),
+                per_tok_b(r.peak_fwd_bwd),
                 ratio
             );
         }
         rows.extend(here);
+        write_outputs(&args, &backend, &rows, &also)?;
     }
-    write_outputs(&args, &rows)?;
-    Ok(())
-}
-
-fn write_outputs(args: &Args, rows: &[Row]) -> std::io::Result<()> {
-    let mut csv = String::from("kind,len,fwd_s,fwd_bwd_s,fwd_us_per_token,fwd_bwd_us_per_token,peak_fwd_bytes,peak_fwd_bwd_bytes\n");
-    let mut json = String::from("[\n");
-    for (i, r) in rows.iter().enumerate() {
-        let n = r.len as f64;
-        let _ = writeln!(
-            csv,
-            "{},{},{:.6},{:.6},{:.4},{:.4},{},{}",
-            r.kind,
-            r.len,
-            r.fwd_s,
-            r.fwd_bwd_s,
-            1e6 * r.fwd_s / n,
-            1e6 * r.fwd_bwd_s / n,
-            r.peak_fwd,
-            r.peak_fwd_bwd
-        );
-        let _ = writeln!(
-            json,
-            "  {{\"kind\": \"{}\", \"len\": {}, \"fwd_s\": {:.6}, \"fwd_bwd_s\": {:.6}, \"peak_fwd_bytes\": {}, \"peak_fwd_bwd_bytes\": {}, \"heads\": {}, \"d_k\": {}, \"chunk\": {}}}{}",
-            r.kind, r.len, r.fwd_s, r.fwd_bwd_s, r.peak_fwd, r.peak_fwd_bwd, args.heads, args.d, args.chunk,
-            if i + 1 < rows.len() { "," } else { "" }
-        );
+    if !also.is_empty() || rows.iter().any(|r| r.kind == "exact") {
+        print_comparison(&rows, &also);
     }
-    json.push_str("]\n");
-    std::fs::write(args.out.join("attention.csv"), csv)?;
-    std::fs::write(args.out.join("attention.json"), json)?;
-    std::fs::write(args.out.join("attention.svg"), svg_chart(rows))?;
     println!(
         "wrote {0}/attention.csv, {0}/attention.json, {0}/attention.svg",
         args.out.display()
@@ -292,13 +851,132 @@ fn write_outputs(args: &Args, rows: &[Row]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A log–log chart of forward+backward time per token against length, one line per kind.
-fn svg_chart(rows: &[Row]) -> String {
-    let (w, h, left, right, top, bottom) = (760.0, 460.0, 80.0, 170.0, 40.0, 60.0);
+/// For every exact kind (ours and `--also`) against every LSH setting: the crossover (the
+/// shortest length from which LSH is faster at every length both measured) and the ratio at
+/// 2^16 and 2^19, forward+backward.
+fn print_comparison(rows: &[Row], also: &[Row]) {
+    let all: Vec<&Row> = rows.iter().chain(also).filter(|r| r.ok()).collect();
+    let mut exact_kinds: Vec<(String, String)> = all
+        .iter()
+        .filter(|r| r.is_exact())
+        .map(|r| (r.kind.clone(), r.device.clone()))
+        .collect();
+    exact_kinds.sort();
+    exact_kinds.dedup();
+    let mut lsh_kinds: Vec<String> = rows
+        .iter()
+        .filter(|r| r.kind.starts_with("lsh") && r.ok())
+        .map(|r| r.kind.clone())
+        .collect();
+    lsh_kinds.sort();
+    lsh_kinds.dedup();
+    if exact_kinds.is_empty() || lsh_kinds.is_empty() {
+        return;
+    }
+    println!("\nforward+backward, exact time / LSH time (> 1: LSH faster):");
+    for (ek, edev) in &exact_kinds {
+        for lk in &lsh_kinds {
+            let mut pairs: Vec<(usize, f64)> = Vec::new();
+            for e in all.iter().filter(|r| &r.kind == ek && &r.device == edev) {
+                if let Some(l) = rows
+                    .iter()
+                    .find(|r| &r.kind == lk && r.len == e.len && r.ok())
+                {
+                    if let (Some(te), Some(tl)) = (e.fwd_bwd_s, l.fwd_bwd_s) {
+                        pairs.push((e.len, te / tl));
+                    }
+                }
+            }
+            pairs.sort_by_key(|p| p.0);
+            if pairs.is_empty() {
+                continue;
+            }
+            let crossover = (0..pairs.len())
+                .find(|&i| pairs[i..].iter().all(|p| p.1 > 1.0))
+                .map(|i| format!("2^{}", pairs[i].0.trailing_zeros()))
+                .unwrap_or_else(|| "none measured".into());
+            let at = |log2: u32| {
+                pairs
+                    .iter()
+                    .find(|p| p.0 == 1 << log2)
+                    .map(|p| format!("{:.1}x", p.1))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let (last_len, last_ratio) = pairs[pairs.len() - 1];
+            println!(
+                "  {ek} [{edev}] vs {lk}: crossover {crossover}; at 2^16 {}; at 2^19 {}; longest \
+                 common 2^{} {:.1}x",
+                at(16),
+                at(19),
+                last_len.trailing_zeros(),
+                last_ratio
+            );
+        }
+    }
+}
+
+fn write_outputs(
+    args: &Args,
+    backend: &Backend,
+    rows: &[Row],
+    also: &[Row],
+) -> Result<(), BoxError> {
+    let mut csv = String::from(CSV_HEADER);
+    csv.push('\n');
+    for r in rows {
+        csv.push_str(&csv_line(r));
+        csv.push('\n');
+    }
+    let lines: Vec<String> = rows.iter().map(|r| format!("  {}", r.to_json())).collect();
+    let json = format!("[\n{}\n]", lines.join(",\n"));
+    let write = |name: &str, text: &str| {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    write("attention.csv", &csv)?;
+    write("attention.json", &(json + "\n"))?;
+    let chart: Vec<&Row> = rows.iter().chain(also).collect();
+    let title = if backend.is_gpu() {
+        format!("GPU: {}", backend.name())
+    } else {
+        "CPU".to_string()
+    };
+    write("attention.svg", &svg_chart(&chart, &title))?;
+    Ok(())
+}
+
+/// A log–log chart of forward+backward time per token against length, one line per kind
+/// (and device, when the rows come from more than one).
+fn svg_chart(rows: &[&Row], title: &str) -> String {
+    let (w, h, left, right, top, bottom) = (820.0, 480.0, 80.0, 230.0, 40.0, 60.0);
+    let rows: Vec<&Row> = rows.iter().copied().filter(|r| r.ok()).collect();
+    let mut devices: Vec<&str> = rows.iter().map(|r| r.device.as_str()).collect();
+    devices.sort();
+    devices.dedup();
+    let label = |r: &Row| {
+        if devices.len() > 1 {
+            let short: String = r.device.chars().take(24).collect();
+            format!("{} [{short}]", r.kind)
+        } else {
+            r.kind.clone()
+        }
+    };
     let pts: Vec<(f64, f64)> = rows
         .iter()
-        .map(|r| (r.len as f64, 1e6 * r.fwd_bwd_s / r.len as f64))
+        .filter_map(|r| r.fwd_bwd_s.map(|s| (r.len as f64, 1e6 * s / r.len as f64)))
+        .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.1.is_finite())
         .collect();
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">Attention forward+backward time per token ({}, log–log)</text>\n",
+        (w - right + left) / 2.0,
+        xml_text(title)
+    );
+    if pts.is_empty() {
+        s.push_str("</svg>\n");
+        return s;
+    }
     let (xmin, xmax) = pts
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
@@ -312,12 +990,6 @@ fn svg_chart(rows: &[Row]) -> String {
     );
     let px = |x: f64| left + (x.log2() - lx0) / (lx1 - lx0) * (w - left - right);
     let py = |y: f64| h - bottom - (y.log10() - ly0) / (ly1 - ly0) * (h - top - bottom);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">Attention forward+backward time per token (CPU, log–log)</text>\n",
-        (w - right + left) / 2.0
-    );
     for e in (lx0 as i64)..=(lx1 as i64) {
         let x = px(2f64.powi(e as i32));
         let _ = writeln!(s, "<line x1=\"{x}\" y1=\"{top}\" x2=\"{x}\" y2=\"{}\" stroke=\"#ddd\"/><text x=\"{x}\" y=\"{}\" text-anchor=\"middle\">2^{e}</text>", h - bottom, h - bottom + 18.0);
@@ -333,37 +1005,43 @@ fn svg_chart(rows: &[Row]) -> String {
         h - 15.0
     );
     let colors = [
-        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+        "#7f7f7f", "#bcbd22",
     ];
-    let mut kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
-    kinds.dedup();
-    kinds.sort();
-    kinds.dedup();
-    for (i, kind) in kinds.iter().enumerate() {
+    let mut labels: Vec<String> = rows.iter().map(|r| label(r)).collect();
+    labels.sort();
+    labels.dedup();
+    for (i, name) in labels.iter().enumerate() {
         let c = colors[i % colors.len()];
-        let line: Vec<String> = rows
+        let mut line: Vec<(f64, f64)> = rows
             .iter()
-            .filter(|r| r.kind == *kind)
-            .map(|r| {
-                format!(
-                    "{:.1},{:.1}",
-                    px(r.len as f64),
-                    py(1e6 * r.fwd_bwd_s / r.len as f64)
-                )
-            })
+            .filter(|r| label(r) == *name)
+            .filter_map(|r| r.fwd_bwd_s.map(|t| (r.len as f64, 1e6 * t / r.len as f64)))
+            .filter(|p| p.1 > 0.0 && p.1.is_finite())
+            .map(|(x, y)| (px(x), py(y)))
             .collect();
+        line.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let points: Vec<String> = line.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
         let _ = writeln!(
             s,
             "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>",
-            line.join(" ")
+            points.join(" ")
         );
-        for p in &line {
-            let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
-            let _ = writeln!(s, "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"{c}\"/>");
+        for (x, y) in &line {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{c}\"/>"
+            );
         }
         let ly = top + 20.0 + 20.0 * i as f64;
-        let _ = writeln!(s, "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{kind}</text>", w - right + 15.0, w - right + 40.0, w - right + 46.0, ly + 4.0);
+        let _ = writeln!(s, "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{}</text>", w - right + 15.0, w - right + 40.0, w - right + 46.0, ly + 4.0, xml_text(name));
     }
     s.push_str("</svg>\n");
     s
+}
+
+fn xml_text(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
