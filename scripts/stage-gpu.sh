@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# Builds the test binaries and examples here (release) and copies them into stage/, for
-# scripts/gpu-check.sh on the GPU machine (which has CUDA but no Rust toolchain and no network).
+# Builds (release) the test binaries and examples that scripts/gpu-check.sh runs, and copies
+# them, stripped, into stage/ — for the GPU machine, which has CUDA but no Rust toolchain and
+# no network. Carry stage/ there (it is in .gitignore) and run scripts/gpu-check.sh PHASE.
 #
 # Usage: scripts/stage-gpu.sh [cargo package selection, default --workspace]
-#   e.g. scripts/stage-gpu.sh -p reformer-kernels -p reformer-engine
+#   e.g. scripts/stage-gpu.sh -p reformer -p reformer-kernels
 #
-# Layout written (stage/ is rebuilt from scratch each run; it is in .gitignore):
-#   stage/tests/<kind>-<target>     libtest binaries (kind: lib, test, bin), run by gpu-check.sh
-#   stage/examples/<example>        example binaries
-#   stage/cuda-include/             the CUDA headers of the NVRTC wheel (fallback on the GPU
-#                                   machine when its CUDA install has no cuda_bf16.h)
-#   stage/manifest.txt              what was staged, from which commit
-#   stage/gpu-check.sh              a copy of the runner
+# What is staged (stage/ is rebuilt from scratch each run):
+#   stage/tests/<kind>-<target>   the GPU test binaries: test-gpu_parity_* (every
+#                                 tests/gpu_parity_*.rs, whoever added it), test-nvrtc_compile,
+#                                 lib-reformer_kernels; with STAGE_ALL=1 every test binary
+#                                 (gpu-check.sh cpu-tests runs the others)
+#   stage/examples/<example>      bench_attention, long_context (STAGE_ALL=1: every example)
+#   stage/cuda-include/           the CUDA headers of the NVRTC wheel (fallback for NVRTC on the
+#                                 GPU machine when its CUDA install has no cuda_bf16.h)
+#   stage/manifest.txt            what was staged, from which commit, sizes
+#   stage/gpu-check.sh            a copy of the runner
 #
-# Size: a tool that carries stage/ to another machine may cap it (e.g. 64 MiB), so the binaries
-# are stripped of debug info (profile release.debug = 1 makes each ~20 MiB; stripped ~2 MiB);
-# STAGE_KEEP_DEBUG=1 keeps it. `du -sh stage` is printed at the end.
+# Size: the tool that carries stage/ caps it at 64 MiB, so binaries are stripped of debug
+# info (profile release.debug = 1 makes each ~20 MiB; stripped ~2–5 MiB) and the script fails
+# when stage/ passes STAGE_MAX_MIB (default 64). STAGE_KEEP_DEBUG=1 keeps debug info.
+# Honours CARGO_TARGET_DIR.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 stage="$repo_root/stage"
+max_mib="${STAGE_MAX_MIB:-64}"
+stage_all="${STAGE_ALL:-0}"
 
 if [[ $# -eq 0 ]]; then
     set -- --workspace
@@ -28,7 +35,7 @@ fi
 
 log() { echo "stage-gpu: $*" >&2; }
 
-for tool in cargo python3; do
+for tool in cargo python3 strip; do
     command -v "$tool" >/dev/null 2>&1 || { log "error: $tool not found"; exit 1; }
 done
 
@@ -56,6 +63,22 @@ for line in sys.stdin:
 '
 }
 
+wanted_test() {
+    [[ "$stage_all" == "1" ]] && return 0
+    case "$1" in
+        test-gpu_parity_*|test-nvrtc_compile|lib-reformer_kernels) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+wanted_example() {
+    [[ "$stage_all" == "1" ]] && return 0
+    case "$1" in
+        bench_attention|long_context) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
 copy_artifact() {
     local dest="$1" src="$2"
     cp "$src" "$dest"
@@ -64,26 +87,35 @@ copy_artifact() {
     fi
 }
 
+# Test binaries. The JSON goes to a file first so that a build failure stops the script
+# (a pipeline would hide cargo's exit status from `set -e` only in part).
+messages="$(mktemp)"
+trap 'rm -f "$messages"' EXIT
 log "building test binaries: cargo test --release --no-run $*"
-cargo test --release --no-run --message-format=json-render-diagnostics "$@" \
-    | artifacts \
-    | while read -r kind name path; do
-        if [[ "$kind" == "example" ]]; then
-            continue
-        fi
+cargo test --release --no-run --message-format=json-render-diagnostics "$@" > "$messages"
+while read -r kind name path; do
+    [[ "$kind" == "example" ]] && continue
+    if wanted_test "$kind-$name"; then
         copy_artifact "$stage/tests/$kind-$name" "$path"
         log "staged tests/$kind-$name"
-    done
+    fi
+done < <(artifacts < "$messages")
 
 log "building examples: cargo build --release --examples $*"
-cargo build --release --examples --message-format=json-render-diagnostics "$@" \
-    | artifacts \
-    | while read -r kind name path; do
-        if [[ "$kind" == "example" ]]; then
-            copy_artifact "$stage/examples/$name" "$path"
-            log "staged examples/$name"
-        fi
-    done
+cargo build --release --examples --message-format=json-render-diagnostics "$@" > "$messages"
+while read -r kind name path; do
+    if [[ "$kind" == "example" ]] && wanted_example "$name"; then
+        copy_artifact "$stage/examples/$name" "$path"
+        log "staged examples/$name"
+    fi
+done < <(artifacts < "$messages")
+
+for needed in examples/bench_attention examples/long_context; do
+    [[ "$stage_all" == "1" || -x "$stage/$needed" ]] || log "warning: $needed was not built"
+done
+if ! compgen -G "$stage/tests/test-gpu_parity_*" >/dev/null; then
+    log "warning: no gpu_parity test binary was built"
+fi
 
 # CUDA headers for NVRTC, from the wheel scripts/install-nvrtc.sh installs (small: ~4 MiB).
 if env_lines="$(scripts/install-nvrtc.sh 2>/dev/null)"; then
@@ -100,11 +132,15 @@ cp scripts/gpu-check.sh "$stage/gpu-check.sh"
 
 {
     echo "staged: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
-    echo "selection: $*"
+    echo "commit: $(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')"
+    echo "selection: $* (STAGE_ALL=$stage_all)"
     echo "rustc: $(rustc --version)"
-    (cd "$stage" && find tests examples -type f | sort)
+    (cd "$stage" && find tests examples -type f -exec du -k {} + | sort -k2)
 } > "$stage/manifest.txt"
 
-log "done: $(find "$stage/tests" -type f | wc -l) test binaries, $(find "$stage/examples" -type f | wc -l) examples"
-du -sh "$stage" >&2
+total_kib="$(du -sk "$stage" | cut -f1)"
+log "done: $(find "$stage/tests" -type f | wc -l) test binaries, $(find "$stage/examples" -type f | wc -l) examples, $((total_kib / 1024)) MiB in $stage"
+if (( total_kib > max_mib * 1024 )); then
+    log "error: stage/ is $((total_kib / 1024)) MiB, over the $max_mib MiB a device call carries"
+    exit 1
+fi
