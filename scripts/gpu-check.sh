@@ -17,7 +17,7 @@
 #             wide20; plain and with checkpointing) and our long_context training steps of cp6
 #             and wide20 at the same lengths
 #   long      our long_context at 2^19 under --mem-budget 16GiB: deep20 and wide20, training
-#             steps and a forward-only pass
+#             steps and a forward-only pass (and wide20 once more in full f32)
 #   sweep     our wide20 training step at 2^14 … 2^19 (time and bytes per token against length)
 #   all       env parity bench step long sweep (more than one device call's 10 minutes: run
 #             the phases one call each)
@@ -35,14 +35,16 @@
 #                         (rewritten after every run)
 #   nvidia-smi.txt        nvidia-smi at the start of each invocation and after each phase
 #   bench/                attention.{csv,json,svg} (ours, chart with torch), torch/attention.*
-#   step/                 torch_step*.json, long_context-<preset>-<len>.json
+#   step/                 torch_step*.json, long_context-<preset>-<len>-<precision>.json
 # Exit status: 0 when every run passed (skips by deadline count as failures), 2 when nothing
 # was staged.
 #
 # Environment: STAGE (default <repo>/stage), PYTHON (default python3), GPU_CHECK_TIMEOUT
 # (seconds per test binary, default 300), GPU_TEST_THREADS (libtest threads, default 1:
-# memory-peak tests must not overlap), GPU_CHECK_DEADLINE (default 560), MEM_BUDGET (long
-# phase, default 16GiB).
+# memory-peak tests must not overlap), GPU_CHECK_DEADLINE (default 560), MEM_BUDGET (long and
+# sweep phases, default 16GiB), GPU_CHECK_PRECISION (tf32, the default: long_context --tf32,
+# dense products on tensor cores with f32 accumulation, the fair match for PyTorch's bf16; or
+# f32). The long phase also runs wide20 at 2^19 once in full f32 when the precision is tf32.
 set -uo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,6 +55,7 @@ per_binary_timeout="${GPU_CHECK_TIMEOUT:-300}"
 test_threads="${GPU_TEST_THREADS:-1}"
 deadline="${GPU_CHECK_DEADLINE:-560}"
 mem_budget="${MEM_BUDGET:-16GiB}"
+precision="${GPU_CHECK_PRECISION:-tf32}"
 start_epoch="$(date +%s)"
 
 phases=()
@@ -379,14 +382,17 @@ phase_bench() {
         "$(example bench_attention)" --device cuda --exact-budget 100 --out "$dir" "${also[@]}"
 }
 
-# long_context PHASE PRESET LEN TIMEOUT EXTRA-ARGS...
+# long_context PHASE PRESET LEN TIMEOUT PRECISION EXTRA-ARGS...: PRECISION f32 (full f32
+# dense products) or tf32 (--tf32: tensor cores, f32 accumulation); the output file names it.
 long_context() {
-    local phase="$1" preset="$2" len="$3" limit="$4"
-    shift 4
-    local json="$out/step/long_context-$preset-$len.json"
-    run_one "$phase" "long_context-$preset-$len" "$limit" "$json" \
+    local phase="$1" preset="$2" len="$3" limit="$4" precision="$5"
+    shift 5
+    local json="$out/step/long_context-$preset-$len-$precision.json"
+    local flags=()
+    [[ "$precision" == "tf32" ]] && flags=(--tf32)
+    run_one "$phase" "long_context-$preset-$len-$precision" "$limit" "$json" \
         "$(example long_context)" --device cuda --preset "$preset" --len "$len" \
-        --json "$json" "$@"
+        --json "$json" "${flags[@]}" "$@"
 }
 
 phase_step() {
@@ -402,7 +408,7 @@ phase_step() {
     local preset log2
     for preset in cp6 wide20; do
         for log2 in 14 15 16; do
-            long_context step "$preset" $((1 << log2)) 150 --steps 3 --infer 0
+            long_context step "$preset" $((1 << log2)) 150 "$precision" --steps 3 --infer 0
         done
     done
 }
@@ -410,8 +416,12 @@ phase_step() {
 phase_long() {
     mkdir -p "$out/step"
     need_stage || { record long "stage" "fail" 2 0 "no staged binaries" ""; return; }
-    long_context long deep20 524288 200 --mem-budget "$mem_budget" --steps 2 --infer 1
-    long_context long wide20 524288 330 --mem-budget "$mem_budget" --steps 2 --infer 1
+    long_context long deep20 524288 200 "$precision" --mem-budget "$mem_budget" --steps 2 --infer 1
+    long_context long wide20 524288 300 "$precision" --mem-budget "$mem_budget" --steps 2 --infer 1
+    if [[ "$precision" != "f32" ]]; then
+        # The same step with full-f32 dense products, once.
+        long_context long wide20 524288 200 f32 --mem-budget "$mem_budget" --steps 1 --infer 0
+    fi
 }
 
 phase_sweep() {
@@ -419,7 +429,8 @@ phase_sweep() {
     need_stage || { record sweep "stage" "fail" 2 0 "no staged binaries" ""; return; }
     local log2
     for log2 in 14 15 16 17 18 19; do
-        long_context sweep wide20 $((1 << log2)) 200 --mem-budget "$mem_budget" --steps 2 --infer 0
+        long_context sweep wide20 $((1 << log2)) 200 "$precision" --mem-budget "$mem_budget" \
+            --steps 2 --infer 0
     done
 }
 
