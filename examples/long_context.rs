@@ -19,7 +19,7 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use reformer::config::Attention;
 use reformer::data::TextData;
-use reformer::device::{Backend, CudaBackend, DeviceLm, HostBackend};
+use reformer::device::{Backend, CudaBackend, DeviceLm, DevicePlan, HostBackend};
 use reformer::planner::human_bytes;
 use reformer::{
     AdamConfig, LrSchedule, MemoryPlan, ModelConfig, ReformerError, ReformerLm, StepContext,
@@ -336,6 +336,20 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
             );
         }
     }
+    // The device program's own plan (a dry run of its allocations): what a GPU run is
+    // measured against. Shown for `--device cuda` even where no GPU answers.
+    let device_plans =
+        if matches!(args.device, DeviceArg::Cuda) || matches!(runner, Runner::Cuda(_)) {
+            let t = DevicePlan::new(&cfg, len, true)?;
+            let i = DevicePlan::new(&cfg, len, false)?;
+            println!("{t}");
+            println!("{i}");
+            put(summary, "device_train_plan_bytes", t.peak.into());
+            put(summary, "device_infer_plan_bytes", i.peak.into());
+            Some((t.peak, i.peak))
+        } else {
+            None
+        };
     if args.plan {
         return Ok(());
     }
@@ -345,7 +359,7 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
 
     let data = data(args)?;
     let window = data.train_window(args.seed, 0, len)?.to_vec();
-    let plans = (&train_plan, &infer_plan);
+    let plans = device_plans.unwrap_or((train_plan.total, infer_plan.total));
     match runner {
         Runner::Cuda(ordinal) => {
             let backend = CudaBackend::new(ordinal, Some(budget)).map_err(|e| describe(&e))?;
@@ -471,7 +485,7 @@ fn run_device_model<B: Backend>(
     cfg: &ModelConfig,
     args: &Args,
     window: &[u8],
-    (train_plan, infer_plan): (&MemoryPlan, &MemoryPlan),
+    (train_plan, infer_plan): (usize, usize),
     summary: &mut serde_json::Map<String, serde_json::Value>,
 ) -> AnyResult<()> {
     let len = args.len;
@@ -499,7 +513,7 @@ fn run_device_model<B: Backend>(
     };
     let phase = |name: &str,
                  n: usize,
-                 plan: &MemoryPlan,
+                 plan: usize,
                  lm: &mut DeviceLm<B>,
                  summary: &mut serde_json::Map<String, serde_json::Value>,
                  train: bool|
@@ -534,8 +548,8 @@ fn run_device_model<B: Backend>(
                  (plan {}, measured/plan {:.4}){}; peak RSS {}",
                 len as f64 / dt,
                 human_bytes(peak),
-                human_bytes(plan.total),
-                peak as f64 / plan.total as f64,
+                human_bytes(plan),
+                peak as f64 / plan as f64,
                 driver(lm),
                 rss_text()
             );
@@ -556,7 +570,7 @@ fn run_device_model<B: Backend>(
         put(
             summary,
             &format!("{key}_measured_over_plan"),
-            (peak_max as f64 / plan.total as f64).into(),
+            (peak_max as f64 / plan as f64).into(),
         );
         if driver_max > 0 {
             put(

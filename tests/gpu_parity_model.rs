@@ -86,3 +86,45 @@ fn a_step_past_the_budget_is_a_typed_out_of_memory_error() {
         other => panic!("expected the typed out-of-memory error, got {other:?}"),
     }
 }
+
+#[test]
+fn the_device_plan_equals_the_measured_pool_peak() {
+    let Some(ctx) = context_for_test("the_device_plan_equals_the_measured_pool_peak") else {
+        return;
+    };
+    let b = CudaBackend::from_context(ctx);
+    let mut cfg = ModelConfig::preset("cp6").unwrap();
+    cfg.n_rounds = 2;
+    let len = 8192;
+    let pool = MemoryPool::unlimited();
+    let cpu = ReformerLm::new(&cfg, &pool).unwrap();
+    let mut lm = DeviceLm::from_model(b, &cpu).unwrap();
+    let toks = device_common::tokens(len + 1, 2);
+    // Step 0 allocates Adam's moments; step 1 is the steady state the plan describes.
+    for step in 0..2 {
+        lm.backend().reset_peak();
+        lm.zero_grad().unwrap();
+        lm.train_step_grads(&toks, &StepContext::train(step))
+            .unwrap();
+        lm.adam_update(reformer::AdamConfig::default(), 1e-3)
+            .unwrap();
+    }
+    lm.backend().synchronize().unwrap();
+    let measured = lm.backend().peak_bytes();
+    let plan = reformer::device::DevicePlan::new(&cfg, len, true).unwrap();
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!(
+            "cp6 at {len}: device pool peak {measured} B, plan {} B\n",
+            plan.peak
+        )
+        .as_bytes(),
+    );
+    let err = (measured as f64 - plan.peak as f64).abs() / plan.peak as f64;
+    assert!(
+        err <= 1e-3,
+        "measured {measured} B, planned {} B ({:.3}% apart)\n{plan}",
+        plan.peak,
+        100.0 * err
+    );
+}

@@ -309,6 +309,10 @@ pub trait Backend {
         causal: bool,
     ) -> Result<(Self::Buf, Self::Buf)>;
 
+    /// Names the phase of the step the next allocations belong to (the dry-run planner
+    /// reports where the peak arises; the other backends ignore it).
+    fn mark(&self, _phase: &str) {}
+
     /// Waits for queued work (a no-op on the CPU); for timing.
     fn synchronize(&self) -> Result<()>;
 }

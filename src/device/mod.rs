@@ -16,8 +16,10 @@ pub mod cuda;
 pub mod host;
 mod layers;
 pub mod model;
+pub mod plan;
 
 pub use backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
 pub use cuda::CudaBackend;
 pub use host::HostBackend;
-pub use model::DeviceLm;
+pub use model::{param_specs, DeviceLm};
+pub use plan::{DevicePlan, PlanBackend};

@@ -52,6 +52,48 @@ fn index(map: &HashMap<String, usize>, name: &str) -> Result<usize> {
     })
 }
 
+/// Names and shapes of `cfg`'s parameters, in the order of [`ReformerLm`]'s `params()`
+/// (embedding, axial tables, each layer's attention then feed-forward, the head).
+pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f, w) = (cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.d_head);
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("embed.tokens".into(), vec![VOCAB, d]),
+        (
+            "embed.axial.0".into(),
+            vec![cfg.axial_shape.0, cfg.axial_dims.0],
+        ),
+        (
+            "embed.axial.1".into(),
+            vec![cfg.axial_shape.1, cfg.axial_dims.1],
+        ),
+    ];
+    for (i, lc) in cfg.layer_configs().iter().enumerate() {
+        let mut p = |name: &str, shape: Vec<usize>| v.push((format!("layers.{i}.{name}"), shape));
+        p("ln_attn.gamma", vec![d]);
+        p("ln_attn.beta", vec![d]);
+        match lc.attention {
+            AttentionKind::Lsh | AttentionKind::Exact => p("attn.w_qk", vec![d, w]),
+            AttentionKind::Local => {
+                p("attn.w_q", vec![d, w]);
+                p("attn.w_k", vec![d, w]);
+            }
+        }
+        p("attn.w_v", vec![d, w]);
+        p("attn.w_o", vec![w, d]);
+        p("ln_ff.gamma", vec![d]);
+        p("ln_ff.beta", vec![d]);
+        p("ff.w1", vec![d, f]);
+        p("ff.b1", vec![f]);
+        p("ff.w2", vec![f, d]);
+        p("ff.b2", vec![d]);
+    }
+    v.push(("head.norm.gamma".into(), vec![2 * d]));
+    v.push(("head.norm.beta".into(), vec![2 * d]));
+    v.push(("head.weight".into(), vec![2 * d, VOCAB]));
+    v.push(("head.bias".into(), vec![VOCAB]));
+    v
+}
+
 impl<B: Backend> DeviceLm<B> {
     /// Uploads `model`'s parameters (values; gradients start at zero) and configuration.
     pub fn from_model(backend: B, model: &ReformerLm) -> Result<Self> {
@@ -59,22 +101,53 @@ impl<B: Backend> DeviceLm<B> {
         let mut names = Vec::with_capacity(params.len());
         let mut shapes = Vec::with_capacity(params.len());
         let mut values = Vec::with_capacity(params.len());
-        let mut grads = Vec::with_capacity(params.len());
         for p in &params {
             names.push(p.name.clone());
             shapes.push(p.value.shape().to_vec());
             values.push(backend.upload(p.value.shape(), p.value.data())?);
-            grads.push(backend.zeros(p.value.shape())?);
         }
+        let layer_cfgs = model
+            .stack
+            .layers
+            .iter()
+            .map(|l| l.config().clone())
+            .collect();
+        Self::build(backend, model.config(), layer_cfgs, names, shapes, values)
+    }
+
+    /// A model of `cfg` whose parameters are allocated but not initialised: for planning (see
+    /// [`super::DevicePlan`]) and for loading values afterwards.
+    pub fn for_config(backend: B, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let specs = param_specs(cfg);
+        let values = specs
+            .iter()
+            .map(|(_, shape)| backend.alloc(shape))
+            .collect::<Result<Vec<_>>>()?;
+        let (names, shapes) = specs.into_iter().unzip();
+        Self::build(backend, cfg, cfg.layer_configs(), names, shapes, values)
+    }
+
+    fn build(
+        backend: B,
+        cfg: &ModelConfig,
+        layer_cfgs: Vec<reformer_reversible::LayerConfig>,
+        names: Vec<String>,
+        shapes: Vec<Vec<usize>>,
+        values: Vec<B::Buf>,
+    ) -> Result<Self> {
+        let grads = shapes
+            .iter()
+            .map(|s| backend.zeros(s))
+            .collect::<Result<Vec<_>>>()?;
         let map: HashMap<String, usize> = names
             .iter()
             .enumerate()
             .map(|(i, n)| (n.clone(), i))
             .collect();
-        let cfg = model.config().clone();
-        let mut layers = Vec::with_capacity(model.stack.len());
-        for (i, block) in model.stack.layers.iter().enumerate() {
-            let lc = block.config().clone();
+        let cfg = cfg.clone();
+        let mut layers = Vec::with_capacity(layer_cfgs.len());
+        for (i, lc) in layer_cfgs.into_iter().enumerate() {
             let p = |s: &str| index(&map, &format!("layers.{i}.{s}"));
             let proj = match lc.attention {
                 AttentionKind::Lsh | AttentionKind::Exact => vec![p("attn.w_qk")?, p("attn.w_v")?],
@@ -257,10 +330,16 @@ impl<B: Backend> DeviceLm<B> {
     fn forward_stack(&self, inputs: &[u8], ctx: &StepContext) -> Result<(B::Buf, B::Buf)> {
         self.check_len(inputs.len())?;
         let len = inputs.len();
+        self.backend.mark("embedding");
         let (mut y1, mut y2) = self.embed(inputs)?;
         let (b, vals) = (&self.backend, &self.values[..]);
-        for (attn, ff) in &self.layers {
+        for (i, (attn, ff)) in self.layers.iter().enumerate() {
+            b.mark(&format!(
+                "layer {i} forward: {:?} attention",
+                attn.cfg.attention
+            ));
             attn.forward_add(b, vals, &y2, &mut y1, 1.0, len, ctx)?;
+            b.mark(&format!("layer {i} forward: feed-forward"));
             ff.forward_add(b, vals, &y1, &mut y2, 1.0, len, ctx)?;
         }
         Ok((y1, y2))
@@ -277,6 +356,7 @@ impl<B: Backend> DeviceLm<B> {
         grad_scale: Option<f32>,
     ) -> Result<(f64, Option<StreamGrads<B>>)> {
         let b = &self.backend;
+        b.mark("LM head and loss");
         let (d, len) = (self.cfg.d_model, targets.len());
         let w = 2 * d;
         let chunk = self.cfg.loss_chunk.max(1);
@@ -404,7 +484,8 @@ impl<B: Backend> DeviceLm<B> {
             dys.ok_or_else(|| ReformerError::Config("the head returned no gradients".into()))?;
         let (mut x1, mut x2) = (y1, y2);
         let b = &self.backend;
-        for (attn, ff) in self.layers.iter().rev() {
+        for (i, (attn, ff)) in self.layers.iter().enumerate().rev() {
+            b.mark(&format!("layer {i} backward: feed-forward"));
             // Y2 = X2 + FF(Y1): dY1 += FF'ᵀ dY2, X2 = Y2 − FF(Y1).
             ff.backward(
                 b,
@@ -417,6 +498,10 @@ impl<B: Backend> DeviceLm<B> {
                 len,
                 ctx,
             )?;
+            b.mark(&format!(
+                "layer {i} backward: {:?} attention",
+                attn.cfg.attention
+            ));
             // Y1 = X1 + Attn(X2): dX2 = dY2 + Attn'ᵀ dY1, X1 = Y1 − Attn(X2).
             attn.backward(
                 b,
@@ -431,6 +516,7 @@ impl<B: Backend> DeviceLm<B> {
             )?;
         }
         drop((x1, x2));
+        b.mark("embedding backward");
         // X1 and X2 are the same embedding: its gradient is the sum.
         let d = self.cfg.d_model;
         b.copy2d(
@@ -467,6 +553,7 @@ impl<B: Backend> DeviceLm<B> {
     /// global-norm clipping as [`crate::Adam::update`].
     pub fn adam_update(&mut self, cfg: AdamConfig, lr: f32) -> Result<UpdateStats> {
         let b = &self.backend;
+        b.mark("optimizer");
         if self.adam.is_none() {
             let zeros =
                 |_| -> Result<Vec<B::Buf>> { self.shapes.iter().map(|s| b.zeros(s)).collect() };
