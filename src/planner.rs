@@ -260,10 +260,11 @@ impl MemoryPlan {
         let mut notes = Vec::new();
         if device.is_cuda() {
             notes.push(
-                "CUDA: unverified. These are the CPU pool's figures; the device pool is to \
-                 mirror the CPU allocation structure. The per-worker attention tiles become \
-                 on-chip memory on a GPU, and the CUDA context and cuBLAS workspace (outside \
-                 the pool) are not included."
+                "CUDA: these are the reference (CPU) model's figures. The GPU runs the device \
+                 model (src/device/), whose own plan is `DevicePlan` (a dry run of its \
+                 allocations, kernel scratch included; `long_context --device cuda --plan` \
+                 prints both). The CUDA context and cuBLAS workspace (outside the pool) are \
+                 not included."
                     .to_string(),
             );
         }
