@@ -180,7 +180,7 @@ def main(argv=None):
     meta = dict(
         script="scripts/bench_torch_step.py", torch=torch.__version__,
         cuda=torch.version.cuda if gpu else None, device=device_name, dtype=dname,
-        attn_backend=backend, checkpoint=a.checkpoint, steps=a.steps, warmup=a.warmup,
+        attn_backend=backend, tf32_matmul=gpu, checkpoint=a.checkpoint, steps=a.steps, warmup=a.warmup,
         batch=1, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         args=sys.argv[1:] if argv is None else list(argv),
     )
@@ -227,7 +227,7 @@ def main(argv=None):
             row = dict(kind="torch-step", preset=preset, layers=cfg["layers"],
                        d_model=cfg["d_model"], d_ff=cfg["d_ff"], heads=cfg["heads"],
                        d_k=cfg["d_k"], len=n, batch=1, device=device_name, dtype=dname,
-                       attn_backend=backend, checkpoint=a.checkpoint, params=None, steps=0,
+                       attn_backend=backend, tf32_matmul=gpu, checkpoint=a.checkpoint, params=None, steps=0,
                        step_s=None, step_s_all=[], tokens_per_s=None, peak_bytes=None,
                        peak_bytes_per_token=None, driver_used_bytes=None, loss=None,
                        status="ok")

@@ -8,9 +8,11 @@
 #
 # Phases (default: all):
 #   env       the device, driver, libraries and commit only (also recorded by every phase)
-#   parity    every staged tests/test-gpu_parity_* binary (attention, ops, model, ...), the
-#             NVRTC compile test and the kernels crate's unit tests, with REFORMER_REQUIRE_GPU=1
-#             and REFORMER_REQUIRE_NVRTC=1 (a test that would skip without a GPU fails)
+#   parity    every staged tests/test-gpu_parity_* binary (attention, ops, rows, model, ...),
+#             the NVRTC compile test and the kernels crate's unit tests, with
+#             REFORMER_REQUIRE_GPU=1 and REFORMER_REQUIRE_NVRTC=1 (a test that would skip without
+#             a GPU fails); parity=PATTERN runs only the binaries whose name contains PATTERN
+#             (e.g. parity=model), to split the phase over two calls
 #   bench     scripts/bench_torch_attention.py (SDPA flash, bf16), then bench_attention
 #             --device cuda with the torch rows merged into its chart (2^10 … 2^19)
 #   step      the whole-step comparison at 2^14, 2^15, 2^16: scripts/bench_torch_step.py (cp6,
@@ -60,11 +62,13 @@ start_epoch="$(date +%s)"
 
 phases=()
 libtest_args=()
+parity_pattern=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --) shift; libtest_args=("$@"); break ;;
         -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         env|parity|bench|step|long|sweep|cpu-tests) phases+=("$1") ;;
+        parity=*) phases+=(parity); parity_pattern="${1#parity=}" ;;
         all) phases+=(env parity bench step long sweep) ;;
         *) echo "gpu-check: unknown phase '$1' (env parity bench step long sweep all cpu-tests)" >&2
            exit 2 ;;
@@ -346,6 +350,8 @@ phase_parity() {
     local bin found=0
     for bin in "$stage"/tests/test-gpu_parity_* "$stage"/tests/test-nvrtc_compile "$stage"/tests/lib-reformer_kernels; do
         [[ -f "$bin" && -x "$bin" ]] || continue
+        # shellcheck disable=SC2053 # the pattern is a glob on purpose
+        [[ -z "$parity_pattern" || "$(basename "$bin")" == *$parity_pattern* ]] || continue
         found=1
         run_one parity "$(basename "$bin")" "$per_binary_timeout" "" \
             "$bin" --test-threads="$test_threads" "${libtest_args[@]}"
