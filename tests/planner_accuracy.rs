@@ -281,7 +281,7 @@ fn the_breakdown_adds_up_and_names_the_peak() {
     assert!(bf.transient < plan.transient);
     let cuda = MemoryPlan::for_training_step(&cfg, len, Device::Cuda(0), DType::F32).unwrap();
     assert_eq!(cuda.total, plan.total);
-    assert!(cuda.to_string().contains("unverified"));
+    assert!(cuda.to_string().contains("DevicePlan"));
 
     assert!(
         MemoryPlan::for_training_step(&cfg, cfg.max_len() + 1, Device::Cpu, DType::F32).is_err()
