@@ -17,9 +17,11 @@ pub mod host;
 mod layers;
 pub mod model;
 pub mod plan;
+pub mod train;
 
 pub use backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
 pub use cuda::CudaBackend;
 pub use host::HostBackend;
 pub use model::{param_specs, DeviceLm};
 pub use plan::{DevicePlan, PlanBackend};
+pub use train::DeviceTrainer;

@@ -12,7 +12,7 @@ use super::layers::{blocks, pair_mut, AttnLayer, FfLayer};
 use crate::config::{ModelConfig, VOCAB};
 use crate::error::{ReformerError, Result};
 use crate::model::ReformerLm;
-use crate::optim::{AdamConfig, UpdateStats};
+use crate::optim::{Adam, AdamConfig, UpdateStats};
 use crate::param::HasParams;
 
 /// `(dY1, dY2)` from the head.
@@ -223,6 +223,71 @@ impl<B: Backend> DeviceLm<B> {
         for (a, f) in &mut self.layers {
             a.cfg.n_rounds = n_rounds;
             f.cfg.n_rounds = n_rounds;
+        }
+        Ok(())
+    }
+
+    /// Uploads a host optimizer's state (moments, update count, configuration), e.g. when
+    /// resuming from a checkpoint.
+    pub fn load_adam(&mut self, adam: &Adam) -> Result<()> {
+        if adam.m.len() != self.shapes.len() || adam.v.len() != self.shapes.len() {
+            return Err(ReformerError::Config(format!(
+                "optimizer state for {} parameters, the model has {}",
+                adam.m.len(),
+                self.shapes.len()
+            )));
+        }
+        let b = &self.backend;
+        let up = |ts: &[reformer_engine::Tensor]| -> Result<Vec<B::Buf>> {
+            ts.iter()
+                .zip(&self.shapes)
+                .map(|(t, s)| b.upload(s, t.data()))
+                .collect()
+        };
+        self.adam = Some(AdamState {
+            m: up(&adam.m)?,
+            v: up(&adam.v)?,
+            step: adam.step,
+            cfg: adam.cfg,
+        });
+        Ok(())
+    }
+
+    /// Downloads the optimizer's state into a host `Adam` of the same parameters (zeros and
+    /// step 0 before the first update).
+    pub fn copy_adam_into(&self, adam: &mut Adam) -> Result<()> {
+        if adam.m.len() != self.shapes.len() || adam.v.len() != self.shapes.len() {
+            return Err(ReformerError::Config(format!(
+                "optimizer state for {} parameters, the model has {}",
+                adam.m.len(),
+                self.shapes.len()
+            )));
+        }
+        match &self.adam {
+            None => {
+                for t in adam.m.iter_mut().chain(adam.v.iter_mut()) {
+                    t.data_mut().fill(0.0);
+                }
+                adam.step = 0;
+            }
+            Some(st) => {
+                for (dst, src) in adam
+                    .m
+                    .iter_mut()
+                    .zip(&st.m)
+                    .chain(adam.v.iter_mut().zip(&st.v))
+                {
+                    let v = self.backend.download(src)?;
+                    if v.len() != dst.numel() {
+                        return Err(ReformerError::Config(
+                            "optimizer state of another shape".into(),
+                        ));
+                    }
+                    dst.data_mut().copy_from_slice(&v);
+                }
+                adam.step = st.step;
+                adam.cfg = st.cfg;
+            }
         }
         Ok(())
     }
