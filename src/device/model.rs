@@ -617,6 +617,18 @@ impl<B: Backend> DeviceLm<B> {
     /// One Adam step from the accumulated gradients (moments allocated at the first call), with
     /// global-norm clipping as [`crate::Adam::update`].
     pub fn adam_update(&mut self, cfg: AdamConfig, lr: f32) -> Result<UpdateStats> {
+        self.adam_update_scaled(cfg, lr, 1.0)
+    }
+
+    /// [`DeviceLm::adam_update`] from the accumulated gradients times `grad_scale` (e.g.
+    /// `1/windows` after accumulating several windows), without a pass over the gradients:
+    /// the scale is folded into the norm and the clipping factor.
+    pub fn adam_update_scaled(
+        &mut self,
+        cfg: AdamConfig,
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<UpdateStats> {
         let b = &self.backend;
         b.mark("optimizer");
         if self.adam.is_none() {
@@ -635,7 +647,7 @@ impl<B: Backend> DeviceLm<B> {
             .ok_or_else(|| ReformerError::Config("optimizer state missing".into()))?;
         adam.cfg = cfg;
         let grads: Vec<&B::Buf> = self.grads.iter().collect();
-        let grad_norm = b.sum_squares(&grads)?.sqrt() as f32;
+        let grad_norm = (b.sum_squares(&grads)?.sqrt() * grad_scale as f64) as f32;
         if !grad_norm.is_finite() {
             return Err(ReformerError::NonFinite {
                 what: "gradient norm",
@@ -643,10 +655,11 @@ impl<B: Backend> DeviceLm<B> {
                 step: adam.step,
             });
         }
-        let clip = match cfg.clip_norm {
-            Some(max) if grad_norm > max => max / grad_norm,
-            _ => 1.0,
-        };
+        let clip = grad_scale
+            * match cfg.clip_norm {
+                Some(max) if grad_norm > max => max / grad_norm,
+                _ => 1.0,
+            };
         adam.step += 1;
         let hp = AdamHp {
             lr,

@@ -23,6 +23,8 @@ pub struct DeviceTrainer<B: Backend> {
     pub lm: DeviceLm<B>,
     pub state: TrainState,
     pub data: TextData,
+    /// Windows per optimizer step, as [`crate::Trainer`]'s `batch`.
+    pub batch: usize,
 }
 
 impl<B: Backend> DeviceTrainer<B> {
@@ -49,7 +51,18 @@ impl<B: Backend> DeviceTrainer<B> {
             schedule,
             adam,
         };
-        Ok(Self { lm, state, data })
+        Ok(Self {
+            lm,
+            state,
+            data,
+            batch: 1,
+        })
+    }
+
+    /// Sets the windows per step (at least 1).
+    pub fn with_batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
     }
 
     /// Resumes from a checkpoint written by either trainer.
@@ -66,29 +79,42 @@ impl<B: Backend> DeviceTrainer<B> {
             lm,
             state: ck.state.clone(),
             data,
+            batch: 1,
         })
     }
 
-    /// One optimizer step on the next training window.
+    /// One optimizer step on the `batch` windows of the current step, as
+    /// [`crate::Trainer::step`]: window `k` of step `s` is the pipeline's window `s·batch + k`
+    /// with that number's step context; the gradient is the mean over the windows.
     pub fn step(&mut self) -> Result<StepStats> {
         let step = self.state.step;
-        let window = self
-            .data
-            .train_window(self.state.data_seed, step, self.state.seq_len)?;
+        let batch = self.batch.max(1) as u64;
         self.lm.zero_grad()?;
-        let loss = self
-            .lm
-            .train_step_grads(window, &StepContext::train(step))?;
+        let mut loss_sum = 0.0f64;
+        for k in 0..batch {
+            let index = step * batch + k;
+            let window = self
+                .data
+                .train_window(self.state.data_seed, index, self.state.seq_len)?;
+            let loss = self
+                .lm
+                .train_step_grads(window, &StepContext::train(index))?;
+            loss_sum += loss as f64;
+        }
+        let loss = (loss_sum / batch as f64) as f32;
         let lr = self.state.schedule.lr_at(step);
-        let stats = self.lm.adam_update(self.state.adam, lr)?;
+        let stats = self
+            .lm
+            .adam_update_scaled(self.state.adam, lr, 1.0 / batch as f32)?;
+        let tokens = self.state.seq_len * batch as usize;
         self.state.step += 1;
-        self.state.tokens_seen += self.state.seq_len as u64;
+        self.state.tokens_seen += tokens as u64;
         Ok(StepStats {
             step,
             loss,
             lr,
             grad_norm: stats.grad_norm,
-            tokens: self.state.seq_len,
+            tokens,
         })
     }
 
