@@ -35,6 +35,10 @@ pub struct Trainer {
     pub adam: Adam,
     pub state: TrainState,
     pub data: TextData,
+    /// Windows of `state.seq_len` tokens per optimizer step (at least 1; see
+    /// [`Trainer::step`]). Not stored in checkpoints: a resumed run continues its
+    /// uninterrupted twin exactly when it is given the same batch again.
+    pub batch: usize,
 }
 
 /// Nats to bits.
@@ -68,6 +72,7 @@ impl Trainer {
             adam: adam_state,
             state,
             data,
+            batch: 1,
         })
     }
 
@@ -81,30 +86,56 @@ impl Trainer {
             adam,
             state: ck.state.clone(),
             data,
+            batch: 1,
         })
     }
 
-    /// One optimizer step on the window of the current step.
+    /// Sets the windows per step (at least 1). A fresh trainer has 1.
+    pub fn with_batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// One optimizer step on the `batch` windows of the current step: the gradient of the
+    /// mean loss over the windows, accumulated one window at a time (memory as for one).
+    ///
+    /// Window `k` of step `s` is the data pipeline's window number `s·batch + k`, run with
+    /// the step context of that number (its own dropout masks and LSH rotations); with one
+    /// window per step this is window `s` with context `s`.
     pub fn step(&mut self) -> Result<StepStats> {
         let step = self.state.step;
-        let window = self
-            .data
-            .train_window(self.state.data_seed, step, self.state.seq_len)?;
+        let batch = self.batch.max(1) as u64;
         self.model.zero_grad();
-        let loss = self
-            .model
-            .train_step_grads(window, &StepContext::train(step))?;
+        let mut loss_sum = 0.0f64;
+        for k in 0..batch {
+            let index = step * batch + k;
+            let window = self
+                .data
+                .train_window(self.state.data_seed, index, self.state.seq_len)?;
+            let loss = self
+                .model
+                .train_step_grads(window, &StepContext::train(index))?;
+            loss_sum += loss as f64;
+        }
+        if batch > 1 {
+            let scale = 1.0 / batch as f32;
+            for p in self.model.params_mut() {
+                p.grad.data_mut().iter_mut().for_each(|g| *g *= scale);
+            }
+        }
+        let loss = (loss_sum / batch as f64) as f32;
         let lr = self.state.schedule.lr_at(step);
         let mut params = self.model.params_mut();
         let stats = self.adam.update(&mut params, lr)?;
+        let tokens = self.state.seq_len * batch as usize;
         self.state.step += 1;
-        self.state.tokens_seen += self.state.seq_len as u64;
+        self.state.tokens_seen += tokens as u64;
         Ok(StepStats {
             step,
             loss,
             lr,
             grad_norm: stats.grad_norm,
-            tokens: self.state.seq_len,
+            tokens,
         })
     }
 
@@ -112,9 +143,20 @@ impl Trainer {
     /// `rounds` hash rounds (`None`: the config's eval rounds). The training rounds are
     /// restored afterwards. `None` if the validation part is empty.
     pub fn evaluate(&mut self, max_windows: usize, rounds: Option<usize>) -> Result<Option<f32>> {
+        self.evaluate_len(self.state.seq_len, max_windows, rounds)
+    }
+
+    /// [`Trainer::evaluate`] on validation windows of `len` tokens instead of the training
+    /// length (so runs with different `--seq-len` can be compared on the same windows).
+    pub fn evaluate_len(
+        &mut self,
+        len: usize,
+        max_windows: usize,
+        rounds: Option<usize>,
+    ) -> Result<Option<f32>> {
         let windows: Vec<Vec<u8>> = self
             .data
-            .valid_windows(self.state.seq_len, max_windows)
+            .valid_windows(len, max_windows)
             .into_iter()
             .map(<[u8]>::to_vec)
             .collect();
