@@ -113,3 +113,40 @@ fn device_and_cpu_trainers_agree_and_share_checkpoints() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn batches_of_windows_agree_with_the_cpu_trainer() {
+    let pool = MemoryPool::unlimited();
+    let mut cpu = Trainer::new(
+        &cfg(),
+        &pool,
+        data(),
+        SEQ,
+        4,
+        schedule(),
+        AdamConfig::default(),
+    )
+    .unwrap()
+    .with_batch(3);
+    let mut dev = DeviceTrainer::new(
+        HostBackend::new(&MemoryPool::unlimited()),
+        &cfg(),
+        data(),
+        SEQ,
+        4,
+        schedule(),
+        AdamConfig::default(),
+    )
+    .unwrap()
+    .with_batch(3);
+    for _ in 0..3 {
+        let (c, d) = (cpu.step().unwrap(), dev.step().unwrap());
+        assert_eq!((c.step, c.tokens), (d.step, d.tokens));
+        close(d.loss, c.loss, &format!("loss at step {}", c.step));
+        close(
+            d.grad_norm,
+            c.grad_norm,
+            &format!("gradient norm at step {}", c.step),
+        );
+    }
+}
