@@ -213,6 +213,13 @@ impl<B: Backend> DeviceLm<B> {
         &self.names
     }
 
+    /// Hash rounds of the LSH layers.
+    pub fn rounds(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(self.cfg.n_rounds, |(a, _)| a.cfg.n_rounds)
+    }
+
     /// Hash rounds of the LSH layers from now on.
     pub fn set_rounds(&mut self, n_rounds: usize) -> Result<()> {
         if n_rounds == 0 {

@@ -118,12 +118,23 @@ impl<B: Backend> DeviceTrainer<B> {
         })
     }
 
-    /// Mean validation loss (nats per byte) over up to `max_windows` windows, with `rounds`
-    /// hash rounds (default: the config's evaluation rounds); `None` without validation data.
+    /// Mean validation loss (nats per byte) over up to `max_windows` windows of the training
+    /// length, with `rounds` hash rounds (default: the config's evaluation rounds); `None`
+    /// without validation data.
     pub fn evaluate(&mut self, max_windows: usize, rounds: Option<usize>) -> Result<Option<f32>> {
+        self.evaluate_len(self.state.seq_len, max_windows, rounds)
+    }
+
+    /// [`DeviceTrainer::evaluate`] on validation windows of `len` tokens.
+    pub fn evaluate_len(
+        &mut self,
+        len: usize,
+        max_windows: usize,
+        rounds: Option<usize>,
+    ) -> Result<Option<f32>> {
         let windows: Vec<Vec<u8>> = self
             .data
-            .valid_windows(self.state.seq_len, max_windows)
+            .valid_windows(len, max_windows)
             .into_iter()
             .map(<[u8]>::to_vec)
             .collect();
@@ -131,6 +142,7 @@ impl<B: Backend> DeviceTrainer<B> {
             return Ok(None);
         }
         let cfg = self.lm.config().clone();
+        let train_rounds = self.lm.rounds();
         self.lm.set_rounds(rounds.unwrap_or(cfg.eval_rounds))?;
         let result = (|| {
             let (mut sum, mut count) = (0.0f64, 0usize);
@@ -140,7 +152,7 @@ impl<B: Backend> DeviceTrainer<B> {
             }
             Ok(Some((sum / count as f64) as f32))
         })();
-        self.lm.set_rounds(cfg.n_rounds)?;
+        self.lm.set_rounds(train_rounds)?;
         result
     }
 
