@@ -27,7 +27,8 @@ use reformer_engine::MemoryPool;
 
 const DEFAULT_TEXT: &str = "data/shakespeare.txt";
 const DEFAULT_STEPS: u64 = 2000;
-const DEFAULT_EVAL_LEN: usize = 4096;
+/// Validation tokens per evaluation unless --eval-windows says otherwise.
+const EVAL_TOKENS: usize = 16384;
 
 #[derive(Parser, Debug)]
 #[command(about = "Train a byte-level Reformer language model on a text file")]
@@ -58,14 +59,16 @@ struct Args {
     /// Evaluate on the validation split every this many steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     eval_every: u64,
-    /// Tokens per validation window [default: 4096, or --seq-len if longer, at most the
-    /// preset's capacity]. Validation bits/byte depend on the window length (context), so
-    /// runs compare only on windows of equal length.
+    /// Tokens per validation window [default: --seq-len]. Validation bits/byte depend on the
+    /// window length (context), so runs compare only on windows of equal length; and a
+    /// window longer than the training windows reaches position embeddings that training
+    /// never updated (they keep their random initialisation), so do not evaluate beyond
+    /// --seq-len.
     #[arg(long)]
     eval_len: Option<usize>,
-    /// Validation windows per evaluation.
-    #[arg(long, default_value_t = 4)]
-    eval_windows: usize,
+    /// Validation windows per evaluation [default: 16384 tokens' worth, at least 4].
+    #[arg(long)]
+    eval_windows: Option<usize>,
     /// Hash rounds for evaluation and the sample (default: the preset's eval rounds).
     #[arg(long)]
     eval_rounds: Option<usize>,
@@ -219,9 +222,10 @@ fn run(args: &Args) -> AnyResult<()> {
     };
     let cfg = trainer.model.config().clone();
     let seq_len = trainer.state.seq_len;
-    let eval_len = args
-        .eval_len
-        .unwrap_or(seq_len.max(DEFAULT_EVAL_LEN).min(cfg.max_len()));
+    let eval_len = args.eval_len.unwrap_or(seq_len);
+    let eval_windows = args
+        .eval_windows
+        .unwrap_or((EVAL_TOKENS / eval_len.max(1)).max(4));
     if eval_len == 0 || eval_len > cfg.max_len() {
         return Err(format!("--eval-len {eval_len} must lie in 1..={}", cfg.max_len()).into());
     }
@@ -297,7 +301,7 @@ fn run(args: &Args) -> AnyResult<()> {
         let step = trainer.state.step;
         let mut val = String::new();
         if args.eval_every > 0 && step % args.eval_every == 0 {
-            if let Some(v) = trainer.evaluate_len(eval_len, args.eval_windows, args.eval_rounds)? {
+            if let Some(v) = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds)? {
                 let line = format!(
                     "step {step}: validation {:.4} bits/byte ({v:.4} nats), train {:.4} bits/byte",
                     bits(v),
@@ -333,7 +337,7 @@ fn run(args: &Args) -> AnyResult<()> {
             trainer.state.step
         );
     }
-    if let Some(v) = trainer.evaluate_len(eval_len, args.eval_windows, args.eval_rounds)? {
+    if let Some(v) = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds)? {
         eprintln!(
             "final validation: {:.4} bits/byte after {} steps ({} tokens); checkpoint {}",
             bits(v),
