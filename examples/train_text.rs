@@ -45,8 +45,9 @@ struct Args {
     seq_len: usize,
     /// Windows of --seq-len tokens per optimizer step, each from its own random offset; their
     /// gradients are averaged (accumulated one window at a time, so memory is that of one
-    /// window). The default 8 × 512 tokens learns faster per token than one 4096-token
-    /// window (measured: validation 3.69 vs 3.76 bits/byte after 200 steps of 4096 tokens).
+    /// window). The default, 8 windows of 512 tokens with --lr 0.002 and betas 0.9/0.99,
+    /// learns far faster per token than one 4096-token window with lr 0.01 and betas
+    /// 0.86/0.92 (measured on cp6: training loss 3.03 vs 3.64 bits/byte at 2.7 M tokens).
     #[arg(long, default_value_t = 8)]
     batch: usize,
     /// Total optimizer steps, the schedule's length [default: 2000, or the checkpoint's when
