@@ -21,14 +21,153 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reformer::checkpoint;
 use reformer::config::Attention;
 use reformer::data::{TextData, DEFAULT_VALID_FRACTION};
+use reformer::device::{Backend, CudaBackend, DeviceTrainer, HostBackend};
 use reformer::train::bits;
-use reformer::{generate, AdamConfig, LrSchedule, ModelConfig, SampleOptions, Trainer};
-use reformer_engine::MemoryPool;
+use reformer::{generate, AdamConfig, LrSchedule, ModelConfig, ReformerLm, SampleOptions, Trainer};
+use reformer_engine::{Device, MemoryPool};
 
 const DEFAULT_TEXT: &str = "data/shakespeare.txt";
 const DEFAULT_STEPS: u64 = 2000;
 /// Validation tokens per evaluation unless --eval-windows says otherwise.
 const EVAL_TOKENS: usize = 16384;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+    Twin,
+}
+
+/// The trainer on the chosen device.
+enum AnyTrainer {
+    Cpu(Trainer),
+    Cuda(Box<DeviceTrainer<CudaBackend>>),
+    Twin(Box<DeviceTrainer<HostBackend>>),
+}
+
+/// `$body` with `$t` bound to whichever trainer runs (they share the training API).
+macro_rules! on_trainer {
+    ($self:expr, $t:ident => $body:expr) => {
+        match $self {
+            AnyTrainer::Cpu($t) => $body,
+            AnyTrainer::Cuda($t) => $body,
+            AnyTrainer::Twin($t) => $body,
+        }
+    };
+}
+
+impl AnyTrainer {
+    fn step(&mut self) -> reformer::Result<reformer::StepStats> {
+        on_trainer!(self, t => t.step())
+    }
+
+    fn evaluate_len(
+        &mut self,
+        len: usize,
+        windows: usize,
+        rounds: Option<usize>,
+    ) -> reformer::Result<Option<f32>> {
+        on_trainer!(self, t => t.evaluate_len(len, windows, rounds))
+    }
+
+    fn save(&self, path: &std::path::Path) -> reformer::Result<()> {
+        on_trainer!(self, t => t.save(path))
+    }
+
+    fn state(&self) -> &reformer::TrainState {
+        on_trainer!(self, t => &t.state)
+    }
+
+    fn state_mut(&mut self) -> &mut reformer::TrainState {
+        on_trainer!(self, t => &mut t.state)
+    }
+
+    fn data(&self) -> &TextData {
+        on_trainer!(self, t => &t.data)
+    }
+
+    fn batch(&self) -> usize {
+        on_trainer!(self, t => t.batch)
+    }
+
+    fn config(&self) -> ModelConfig {
+        match self {
+            AnyTrainer::Cpu(t) => t.model.config().clone(),
+            AnyTrainer::Cuda(t) => t.lm.config().clone(),
+            AnyTrainer::Twin(t) => t.lm.config().clone(),
+        }
+    }
+
+    /// The model on the host, for sampling (the CPU trainer's own; a device's downloaded).
+    fn host_model(&mut self, pool: &MemoryPool) -> reformer::Result<HostModel<'_>> {
+        Ok(match self {
+            AnyTrainer::Cpu(t) => HostModel::Borrowed(&mut t.model),
+            AnyTrainer::Cuda(t) => HostModel::Owned(Box::new(t.to_host(pool)?.0)),
+            AnyTrainer::Twin(t) => HostModel::Owned(Box::new(t.to_host(pool)?.0)),
+        })
+    }
+}
+
+enum HostModel<'a> {
+    Borrowed(&'a mut ReformerLm),
+    Owned(Box<ReformerLm>),
+}
+
+impl HostModel<'_> {
+    fn get(&mut self) -> &mut ReformerLm {
+        match self {
+            HostModel::Borrowed(m) => m,
+            HostModel::Owned(m) => m,
+        }
+    }
+}
+
+/// The trainer for `device`: the CPU's, or the device model on a GPU or on the CPU twins.
+/// `make_cpu` and `make_device` build it from scratch or a checkpoint.
+fn on_device(
+    device: DeviceArg,
+    tf32: bool,
+    make_cpu: impl FnOnce() -> reformer::Result<Trainer>,
+    make_cuda: impl FnOnce(CudaBackend) -> reformer::Result<DeviceTrainer<CudaBackend>>,
+    make_twin: impl FnOnce(HostBackend) -> reformer::Result<DeviceTrainer<HostBackend>>,
+) -> AnyResult<AnyTrainer> {
+    let cuda = match device {
+        DeviceArg::Cpu | DeviceArg::Twin => None,
+        DeviceArg::Auto => match Device::cuda_if_available() {
+            Device::Cuda(i) => Some(i),
+            Device::Cpu => None,
+        },
+        DeviceArg::Cuda => match reformer_kernels::probe(0) {
+            Ok(info) => {
+                eprintln!("using CUDA device 0: {}", info.name);
+                Some(0)
+            }
+            Err(e) => {
+                eprintln!("--device cuda: no usable GPU ({e}); training on the CPU");
+                None
+            }
+        },
+    };
+    Ok(match (cuda, device) {
+        (Some(ordinal), _) => {
+            let b = CudaBackend::new(ordinal, None)?;
+            b.set_tf32(tf32)?;
+            eprintln!(
+                "device: {}; dense products in {}",
+                b.describe(),
+                if tf32 { "TF32" } else { "f32" }
+            );
+            AnyTrainer::Cuda(Box::new(make_cuda(b)?))
+        }
+        (None, DeviceArg::Twin) => {
+            let b = HostBackend::new(&MemoryPool::unlimited());
+            eprintln!("device: {}", b.describe());
+            AnyTrainer::Twin(Box::new(make_twin(b)?))
+        }
+        (None, _) => AnyTrainer::Cpu(make_cpu()?),
+    })
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "Train a byte-level Reformer language model on a text file")]
@@ -40,6 +179,15 @@ struct Args {
     /// Model preset: tiny, cp6, deep20, wide20.
     #[arg(long, default_value = "cp6")]
     preset: String,
+    /// Where to train: cpu (the reference model), cuda (the device model on the GPU: the
+    /// hand-written kernels and cuBLAS; without a usable GPU one line says why and the CPU
+    /// trains), auto (cuda where a GPU answers), or twin (the device model on the kernels'
+    /// CPU twins). Checkpoints are the same format on every device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// With --device cuda: dense products in TF32 on tensor cores (f32 accumulation).
+    #[arg(long)]
+    tf32: bool,
     /// Tokens (bytes) per training window; at most the preset's axial capacity.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
@@ -165,15 +313,24 @@ fn run(args: &Args) -> AnyResult<()> {
             let data = TextData::load(&path, DEFAULT_VALID_FRACTION, ck.state.seq_len)?;
             // The batch is not in the checkpoint: the run continues exactly when --batch is
             // the one it was started with.
-            let mut t = Trainer::from_checkpoint(&ck, &pool, data)?.with_batch(args.batch);
-            eprintln!("resumed {} at step {}", from.display(), t.state.step);
-            if let Some(steps) = args.steps.filter(|&s| s != t.state.schedule.total_steps) {
+            let batch = args.batch;
+            let (d1, d2) = (data.clone(), data.clone());
+            let mut t = on_device(
+                args.device,
+                args.tf32,
+                || Ok(Trainer::from_checkpoint(&ck, &pool, data)?.with_batch(batch)),
+                |b| Ok(DeviceTrainer::from_checkpoint(b, &ck, d1)?.with_batch(batch)),
+                |b| Ok(DeviceTrainer::from_checkpoint(b, &ck, d2)?.with_batch(batch)),
+            )?;
+            eprintln!("resumed {} at step {}", from.display(), t.state().step);
+            let state = t.state_mut();
+            if let Some(steps) = args.steps.filter(|&s| s != state.schedule.total_steps) {
                 eprintln!(
                     "schedule length changed from {} to {steps} steps (the learning rate from \
                      here on differs from the original run's)",
-                    t.state.schedule.total_steps
+                    state.schedule.total_steps
                 );
-                t.state.schedule.total_steps = steps;
+                state.schedule.total_steps = steps;
             }
             t
         }
@@ -205,24 +362,30 @@ fn run(args: &Args) -> AnyResult<()> {
                 total_steps: args.steps.unwrap_or(DEFAULT_STEPS),
                 final_fraction: 0.1,
             };
-            Trainer::new(
-                &cfg,
-                &pool,
-                data,
-                args.seq_len,
-                args.seed,
-                schedule,
-                AdamConfig {
-                    beta1: args.beta1,
-                    beta2: args.beta2,
-                    ..AdamConfig::default()
+            let adam = AdamConfig {
+                beta1: args.beta1,
+                beta2: args.beta2,
+                ..AdamConfig::default()
+            };
+            let (seq, seed, batch) = (args.seq_len, args.seed, args.batch);
+            let (d1, d2) = (data.clone(), data.clone());
+            on_device(
+                args.device,
+                args.tf32,
+                || Ok(Trainer::new(&cfg, &pool, data, seq, seed, schedule, adam)?.with_batch(batch)),
+                |b| {
+                    Ok(DeviceTrainer::new(b, &cfg, d1, seq, seed, schedule, adam)?
+                        .with_batch(batch))
+                },
+                |b| {
+                    Ok(DeviceTrainer::new(b, &cfg, d2, seq, seed, schedule, adam)?
+                        .with_batch(batch))
                 },
             )?
-            .with_batch(args.batch)
         }
     };
-    let cfg = trainer.model.config().clone();
-    let seq_len = trainer.state.seq_len;
+    let cfg = trainer.config();
+    let seq_len = trainer.state().seq_len;
     let eval_len = args.eval_len.unwrap_or(seq_len);
     let eval_windows = args
         .eval_windows
@@ -230,18 +393,21 @@ fn run(args: &Args) -> AnyResult<()> {
     if eval_len == 0 || eval_len > cfg.max_len() {
         return Err(format!("--eval-len {eval_len} must lie in 1..={}", cfg.max_len()).into());
     }
-    let total = trainer.state.schedule.total_steps;
+    let total = trainer.state().schedule.total_steps;
     eprintln!(
         "{}: {} train / {} validation bytes; {} layers, d_model {}, {} parameters; {} windows of \
          {seq_len} tokens per step; steps {}..{total}",
         path.display(),
-        trainer.data.train.len(),
-        trainer.data.valid.len(),
+        trainer.data().train.len(),
+        trainer.data().valid.len(),
         cfg.n_layers,
         cfg.d_model,
-        reformer::HasParams::num_params(&trainer.model),
-        trainer.batch,
-        trainer.state.step,
+        reformer::device::param_specs(&cfg)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>(),
+        trainer.batch(),
+        trainer.state().step,
     );
 
     let metrics_path = args.out.join("metrics.csv");
@@ -266,7 +432,7 @@ fn run(args: &Args) -> AnyResult<()> {
         )?
         .progress_chars("=> "),
     );
-    pb.set_position(trainer.state.step);
+    pb.set_position(trainer.state().step);
 
     let start = Instant::now();
     let deadline = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
@@ -274,7 +440,7 @@ fn run(args: &Args) -> AnyResult<()> {
     let mut smooth: Option<f32> = None;
     let mut run_tokens = 0u64;
     let mut stopped_early = false;
-    while trainer.state.step < total {
+    while trainer.state().step < total {
         if deadline.is_some_and(|d| start.elapsed() >= d) {
             stopped_early = true;
             break;
@@ -292,14 +458,14 @@ fn run(args: &Args) -> AnyResult<()> {
             bits(ema),
             s.grad_norm
         );
-        if pb.is_hidden() && trainer.state.step % 25 == 0 {
+        if pb.is_hidden() && trainer.state().step % 25 == 0 {
             // No terminal: a plain status line now and then instead of the bar.
-            eprintln!("step {}/{total}: {msg}", trainer.state.step);
+            eprintln!("step {}/{total}: {msg}", trainer.state().step);
         }
         pb.set_message(msg);
-        pb.set_position(trainer.state.step);
+        pb.set_position(trainer.state().step);
 
-        let step = trainer.state.step;
+        let step = trainer.state().step;
         let mut val = String::new();
         if args.eval_every > 0 && step % args.eval_every == 0 {
             if let Some(v) = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds)? {
@@ -319,7 +485,7 @@ fn run(args: &Args) -> AnyResult<()> {
         writeln!(
             metrics,
             "{step},{},{:.3},{:.5},{:.5},{:.6e},{:.4},{tps:.1},{val}",
-            trainer.state.tokens_seen,
+            trainer.state().tokens_seen,
             start.elapsed().as_secs_f64(),
             s.loss,
             bits(s.loss),
@@ -335,21 +501,21 @@ fn run(args: &Args) -> AnyResult<()> {
     if stopped_early {
         eprintln!(
             "time budget reached at step {} of {total}; resume with --resume",
-            trainer.state.step
+            trainer.state().step
         );
     }
     if let Some(v) = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds)? {
         eprintln!(
             "final validation: {:.4} bits/byte after {} steps ({} tokens); checkpoint {}",
             bits(v),
-            trainer.state.step,
-            trainer.state.tokens_seen,
+            trainer.state().step,
+            trainer.state().tokens_seen,
             ckpt_path.display()
         );
     }
 
     if args.sample_tokens > 0 {
-        let prompt = sample_prompt(&trainer.data.valid);
+        let prompt = sample_prompt(&trainer.data().valid);
         let opts = SampleOptions {
             rounds: args.eval_rounds,
             ..SampleOptions::default()
@@ -361,16 +527,11 @@ fn run(args: &Args) -> AnyResult<()> {
         let mut out = std::io::stdout().lock();
         out.write_all(&prompt)?;
         out.flush()?;
-        generate(
-            &mut trainer.model,
-            &prompt,
-            args.sample_tokens,
-            &opts,
-            |b| {
-                let _ = out.write_all(&[b]);
-                let _ = out.flush();
-            },
-        )?;
+        let mut model = trainer.host_model(&pool)?;
+        generate(model.get(), &prompt, args.sample_tokens, &opts, |b| {
+            let _ = out.write_all(&[b]);
+            let _ = out.flush();
+        })?;
         writeln!(out)?;
     }
     Ok(())
