@@ -41,7 +41,7 @@ enum DeviceArg {
 
 /// The trainer on the chosen device.
 enum AnyTrainer {
-    Cpu(Trainer),
+    Cpu(Box<Trainer>),
     Cuda(Box<DeviceTrainer<CudaBackend>>),
     Twin(Box<DeviceTrainer<HostBackend>>),
 }
@@ -165,7 +165,7 @@ fn on_device(
             eprintln!("device: {}", b.describe());
             AnyTrainer::Twin(Box::new(make_twin(b)?))
         }
-        (None, _) => AnyTrainer::Cpu(make_cpu()?),
+        (None, _) => AnyTrainer::Cpu(Box::new(make_cpu()?)),
     })
 }
 
