@@ -12,27 +12,7 @@ use reformer_reversible::Dropout;
 
 use crate::error::Result;
 
-/// A 2-D view into a buffer: element `(r, c)` lives at `offset + r·ld + c`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Strided {
-    pub offset: usize,
-    pub ld: usize,
-}
-
-impl Strided {
-    pub fn new(offset: usize, ld: usize) -> Self {
-        Self { offset, ld }
-    }
-
-    /// Index one past the last element of a `rows × cols` view (0 when empty).
-    pub fn end(&self, rows: usize, cols: usize) -> usize {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            self.offset + (rows - 1) * self.ld + cols
-        }
-    }
-}
+pub use reformer_kernels::gpu::ops::rows::Strided;
 
 /// `[heads, len, d]` of one attention call (heads of a group, batch folded in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +69,6 @@ pub trait Backend {
     fn zeros(&self, shape: &[usize]) -> Result<Self::Buf>;
     fn upload(&self, shape: &[usize], host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
-    fn len(&self, buf: &Self::Buf) -> usize;
     fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
     /// Bytes the device's pool holds now and at its peak.
     fn live_bytes(&self) -> usize;

@@ -9,7 +9,7 @@ use reformer_kernels::gpu::attention::{
 use reformer_kernels::gpu::ops::embedding::{self, AxialShape};
 use reformer_kernels::gpu::ops::layer_norm::{self, LayerNormGrads};
 use reformer_kernels::gpu::ops::reduce_adam::{self, AdamStep};
-use reformer_kernels::gpu::ops::rows::{self, Strided as KStrided};
+use reformer_kernels::gpu::ops::rows;
 use reformer_kernels::gpu::ops::{elementwise, matmul, softmax_xent};
 use reformer_kernels::gpu::{DeviceBuffer, GpuContext};
 use reformer_lsh::{Buckets, Rotations};
@@ -58,10 +58,6 @@ impl CudaBackend {
     pub fn set_tf32(&self, on: bool) -> Result<()> {
         Ok(matmul::set_tf32(&self.ctx, on)?)
     }
-}
-
-fn k(s: Strided) -> KStrided {
-    KStrided::new(s.offset, s.ld)
 }
 
 fn dims(s: HeadShape) -> AttnDims {
@@ -117,10 +113,6 @@ impl Backend for CudaBackend {
         Ok(self.ctx.download(buf)?)
     }
 
-    fn len(&self, buf: &Buf) -> usize {
-        buf.len()
-    }
-
     fn fill(&self, buf: &mut Buf, value: f32) -> Result<()> {
         Ok(elementwise::fill(&self.ctx, buf, value)?)
     }
@@ -153,15 +145,7 @@ impl Backend for CudaBackend {
         accumulate: bool,
     ) -> Result<()> {
         Ok(rows::copy2d(
-            &self.ctx,
-            src,
-            k(s),
-            dst,
-            k(d),
-            rows,
-            cols,
-            alpha,
-            accumulate,
+            &self.ctx, src, s, dst, d, rows, cols, alpha, accumulate,
         )?)
     }
 

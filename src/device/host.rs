@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 use reformer_engine::matmul::{gemm, Par};
 use reformer_engine::{MemoryPool, Tensor};
+use reformer_kernels::gpu::ops::rows::host as twins;
 use reformer_lsh::{
     exact_attention_backward, exact_attention_forward, local_attention_backward,
     local_attention_forward, lsh_attention_backward, lsh_attention_forward, shared_qk_grad,
@@ -53,6 +54,15 @@ fn bad(msg: String) -> ReformerError {
     ReformerError::InvalidArgument(msg)
 }
 
+/// One past the last element of a `rows × cols` view (0 when empty).
+fn view_end(v: Strided, rows: usize, cols: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        v.offset + (rows - 1) * v.ld + cols
+    }
+}
+
 fn need(op: &str, what: &str, len: usize, needed: usize) -> Result<()> {
     if len < needed {
         return Err(bad(format!(
@@ -62,33 +72,16 @@ fn need(op: &str, what: &str, len: usize, needed: usize) -> Result<()> {
     Ok(())
 }
 
-/// `t` seen with `shape`: borrowed when it already has it (buffers the device model allocates
-/// for attention do), else a copy of its first `shape.numel()` elements.
-enum Shaped<'a> {
-    Borrowed(&'a Tensor),
-    Owned(Tensor),
-}
-
-impl std::ops::Deref for Shaped<'_> {
-    type Target = Tensor;
-    fn deref(&self) -> &Tensor {
-        match self {
-            Shaped::Borrowed(t) => t,
-            Shaped::Owned(t) => t,
-        }
+/// `t`, checked to be a head-layout tensor of `shape` (the device model allocates them so).
+fn shaped(t: &Tensor, shape: HeadShape) -> Result<&Tensor> {
+    if t.shape() != shape.dims() {
+        return Err(bad(format!(
+            "attention: a buffer of shape {:?} where {:?} was expected",
+            t.shape(),
+            shape.dims()
+        )));
     }
-}
-
-fn shaped(t: &Tensor, shape: HeadShape) -> Result<Shaped<'_>> {
-    need("attention", "input", t.numel(), shape.numel())?;
-    if t.shape() == shape.dims() {
-        return Ok(Shaped::Borrowed(t));
-    }
-    Ok(Shaped::Owned(Tensor::from_vec(
-        t.pool(),
-        &shape.dims(),
-        t.data()[..shape.numel()].to_vec(),
-    )?))
+    Ok(t)
 }
 
 fn row_stats(x: &[f32]) -> (f32, f32) {
@@ -123,10 +116,6 @@ impl Backend for HostBackend {
         Ok(buf.to_vec())
     }
 
-    fn len(&self, buf: &Tensor) -> usize {
-        buf.numel()
-    }
-
     fn fill(&self, buf: &mut Tensor, value: f32) -> Result<()> {
         buf.data_mut().fill(value);
         Ok(())
@@ -159,20 +148,23 @@ impl Backend for HostBackend {
         alpha: f32,
         accumulate: bool,
     ) -> Result<()> {
-        need("copy2d", "src", src.numel(), s.end(rows, cols))?;
-        need("copy2d", "dst", dst.numel(), d.end(rows, cols))?;
-        let (src, dst) = (src.data(), dst.data_mut());
-        for r in 0..rows {
-            let a = &src[s.offset + r * s.ld..s.offset + r * s.ld + cols];
-            let b = &mut dst[d.offset + r * d.ld..d.offset + r * d.ld + cols];
-            for (y, &x) in b.iter_mut().zip(a) {
-                *y = if accumulate {
-                    *y + alpha * x
-                } else {
-                    alpha * x
-                };
-            }
+        need("copy2d", "src", src.numel(), view_end(s, rows, cols))?;
+        need("copy2d", "dst", dst.numel(), view_end(d, rows, cols))?;
+        if rows > 1 && (s.ld < cols || d.ld < cols) {
+            return Err(bad(format!(
+                "copy2d: leading dimensions {s:?}, {d:?} < {cols} columns"
+            )));
         }
+        twins::copy2d(
+            src.data(),
+            s,
+            dst.data_mut(),
+            d,
+            rows,
+            cols,
+            alpha,
+            accumulate,
+        );
         Ok(())
     }
 
@@ -292,12 +284,7 @@ impl Backend for HostBackend {
     fn add_bias(&self, x: &mut Tensor, bias: &Tensor, rows: usize, cols: usize) -> Result<()> {
         need("add_bias", "x", x.numel(), rows * cols)?;
         need("add_bias", "bias", bias.numel(), cols)?;
-        let b = &bias.data()[..cols];
-        for row in x.data_mut()[..rows * cols].chunks_mut(cols) {
-            for (y, &v) in row.iter_mut().zip(b) {
-                *y += v;
-            }
-        }
+        twins::add_bias(x.data_mut(), bias.data(), rows, cols);
         Ok(())
     }
 
@@ -310,29 +297,20 @@ impl Backend for HostBackend {
     ) -> Result<()> {
         need("column_sums", "x", x.numel(), rows * cols)?;
         need("column_sums", "out", out.numel(), cols)?;
-        let out = &mut out.data_mut()[..cols];
-        for row in x.data()[..rows * cols].chunks(cols) {
-            for (o, &v) in out.iter_mut().zip(row) {
-                *o += v;
-            }
-        }
+        twins::column_sums(x.data(), out.data_mut(), rows, cols, true);
         Ok(())
     }
 
     fn relu_in_place(&self, x: &mut Tensor, n: usize) -> Result<()> {
         need("relu", "x", x.numel(), n)?;
-        x.data_mut()[..n].iter_mut().for_each(|v| *v = v.max(0.0));
+        twins::relu_in_place(x.data_mut(), n);
         Ok(())
     }
 
     fn relu_mask_in_place(&self, h: &Tensor, g: &mut Tensor, n: usize) -> Result<()> {
         need("relu_mask", "h", h.numel(), n)?;
         need("relu_mask", "g", g.numel(), n)?;
-        for (g, &h) in g.data_mut()[..n].iter_mut().zip(&h.data()[..n]) {
-            if h <= 0.0 {
-                *g = 0.0;
-            }
-        }
+        twins::relu_mask_in_place(h.data(), g.data_mut(), n);
         Ok(())
     }
 
@@ -531,7 +509,7 @@ impl Backend for HostBackend {
         };
         let [qk, v, out, d_out] = [qk, v, out, d_out].map(|t| shaped(t, shape));
         Ok(lsh_attention_backward(
-            &*qk?, &*v?, &*out?, &*d_out?, saved, rot, &cfg, None,
+            qk?, v?, out?, d_out?, saved, rot, &cfg, None,
         )?)
     }
 
@@ -549,7 +527,7 @@ impl Backend for HostBackend {
             causal,
         };
         let [q, k, v] = [q, k, v].map(|t| shaped(t, shape));
-        let (out, lse) = local_attention_forward(&*q?, &*k?, &*v?, &cfg, None)?;
+        let (out, lse) = local_attention_forward(q?, k?, v?, &cfg, None)?;
         let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
         Ok((out, lse))
     }
@@ -572,12 +550,12 @@ impl Backend for HostBackend {
         };
         let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(|t| shaped(t, shape));
         Ok(local_attention_backward(
-            &*q?,
-            &*k?,
-            &*v?,
-            &*out?,
+            q?,
+            k?,
+            v?,
+            out?,
             lse.data(),
-            &*d_out?,
+            d_out?,
             &cfg,
             None,
         )?)
@@ -613,10 +591,10 @@ impl Backend for HostBackend {
         let (d_q, d_k, d_v) = exact_attention_backward(
             &qk,
             &k,
-            &*v?,
-            &*out?,
+            v?,
+            out?,
             lse.data(),
-            &*d_out?,
+            d_out?,
             shared_qk_rule(causal),
             None,
         )?;

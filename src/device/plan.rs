@@ -179,10 +179,6 @@ impl Backend for PlanBackend {
         Ok(vec![0.0; buf.len])
     }
 
-    fn len(&self, buf: &PlanBuf) -> usize {
-        buf.len
-    }
-
     fn fill(&self, _buf: &mut PlanBuf, _value: f32) -> Result<()> {
         Ok(())
     }
