@@ -488,7 +488,7 @@ impl Backend for HostBackend {
             causal,
         };
         let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
-        Ok(lsh_attention_forward(&qk, &v, rot, &cfg, None)?)
+        Ok(lsh_attention_forward(qk, v, rot, &cfg, None)?)
     }
 
     fn lsh_backward(
@@ -569,8 +569,8 @@ impl Backend for HostBackend {
         causal: bool,
     ) -> Result<(Tensor, Tensor)> {
         let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
-        let k = unit_keys(&qk)?;
-        let (out, lse) = exact_attention_forward(&qk, &k, &v, shared_qk_rule(causal), None)?;
+        let k = unit_keys(qk)?;
+        let (out, lse) = exact_attention_forward(qk, &k, v, shared_qk_rule(causal), None)?;
         let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
         Ok((out, lse))
     }
@@ -587,9 +587,9 @@ impl Backend for HostBackend {
     ) -> Result<(Tensor, Tensor)> {
         let [qk, v, out, d_out] = [qk, v, out, d_out].map(|t| shaped(t, shape));
         let qk = qk?;
-        let k = unit_keys(&qk)?;
+        let k = unit_keys(qk)?;
         let (d_q, d_k, d_v) = exact_attention_backward(
-            &qk,
+            qk,
             &k,
             v?,
             out?,
@@ -598,7 +598,7 @@ impl Backend for HostBackend {
             shared_qk_rule(causal),
             None,
         )?;
-        Ok((shared_qk_grad(&qk, d_q, &d_k), d_v))
+        Ok((shared_qk_grad(qk, d_q, &d_k), d_v))
     }
 
     fn synchronize(&self) -> Result<()> {
