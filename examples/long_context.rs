@@ -19,13 +19,15 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use reformer::config::Attention;
 use reformer::data::TextData;
-use reformer::device::{Backend, CudaBackend, DeviceLm, DevicePlan, HostBackend};
+use reformer::device::{
+    select, Backend, CudaBackend, DeviceLm, DevicePlan, DeviceRequest, HostBackend, Runner,
+};
 use reformer::planner::human_bytes;
 use reformer::{
     AdamConfig, LrSchedule, MemoryPlan, ModelConfig, ReformerError, ReformerLm, StepContext,
     Trainer,
 };
-use reformer_engine::{DType, Device, EngineError, MemoryPool, Rng};
+use reformer_engine::{DType, EngineError, MemoryPool, Rng};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
@@ -39,12 +41,15 @@ enum DeviceArg {
     Twin,
 }
 
-/// Where the steps run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Runner {
-    Reference,
-    Cuda(usize),
-    Twin,
+impl From<DeviceArg> for DeviceRequest {
+    fn from(a: DeviceArg) -> Self {
+        match a {
+            DeviceArg::Cpu => DeviceRequest::Cpu,
+            DeviceArg::Cuda => DeviceRequest::Cuda,
+            DeviceArg::Auto => DeviceRequest::Auto,
+            DeviceArg::Twin => DeviceRequest::Twin,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -199,28 +204,6 @@ fn model_config(args: &Args) -> AnyResult<ModelConfig> {
     Ok(cfg)
 }
 
-/// `(device to plan for, what runs)`.
-fn devices(arg: DeviceArg) -> (Device, Runner) {
-    match arg {
-        DeviceArg::Cpu => (Device::Cpu, Runner::Reference),
-        DeviceArg::Twin => (Device::Cpu, Runner::Twin),
-        DeviceArg::Auto => match Device::cuda_if_available() {
-            Device::Cuda(i) => (Device::Cuda(i), Runner::Cuda(i)),
-            Device::Cpu => (Device::Cpu, Runner::Reference),
-        },
-        DeviceArg::Cuda => match reformer_kernels::probe(0) {
-            Ok(info) => {
-                eprintln!("using CUDA device 0: {}", info.name);
-                (Device::Cuda(0), Runner::Cuda(0))
-            }
-            Err(e) => {
-                eprintln!("--device cuda: no usable GPU ({e}); running on the CPU");
-                (Device::Cpu, Runner::Reference)
-            }
-        },
-    }
-}
-
 /// The engine's error inside the layers' wrappers, if that is what `e` is.
 fn engine_error(e: &ReformerError) -> Option<&EngineError> {
     use reformer_lsh::AttentionError as A;
@@ -271,8 +254,8 @@ fn data(args: &Args) -> AnyResult<TextData> {
 fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) -> AnyResult<()> {
     let budget = parse_bytes(&args.mem_budget)?;
     let cfg = model_config(args)?;
-    let (plan_device, runner) = devices(args.device);
-    let run_device = plan_device;
+    let runner = select(args.device.into());
+    let device = runner.device();
     let dtype = match args.dtype {
         DTypeArg::F32 => DType::F32,
         DTypeArg::Bf16 => DType::BF16,
@@ -288,14 +271,13 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     put(summary, "layers", cfg.n_layers.into());
     put(summary, "rounds", cfg.n_rounds.into());
     put(summary, "eval_rounds", cfg.eval_rounds.into());
-    put(summary, "device", run_device.to_string().into());
+    put(summary, "device", device.to_string().into());
     put(summary, "runner", format!("{runner:?}").into());
-    put(summary, "plan_device", plan_device.to_string().into());
     put(summary, "budget_bytes", budget.into());
     put(summary, "threads", threads.into());
 
-    let train_plan = MemoryPlan::for_training_step(&cfg, len, plan_device, dtype)?;
-    let infer_plan = MemoryPlan::for_inference(&cfg, len, plan_device, dtype)?;
+    let train_plan = MemoryPlan::for_training_step(&cfg, len, device, dtype)?;
+    let infer_plan = MemoryPlan::for_inference(&cfg, len, device, dtype)?;
     println!(
         "{} preset: {} layers ({}), d_model {}, {} × {} heads, rounds {} (eval {}), {} tokens; \
          budget {}; {threads} threads",
@@ -354,8 +336,14 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
         return Ok(());
     }
     // The run uses the f32 plan (the engine stores f32).
-    let train_plan = MemoryPlan::for_training_step(&cfg, len, run_device, DType::F32)?;
-    let infer_plan = MemoryPlan::for_inference(&cfg, len, run_device, DType::F32)?;
+    let (train_plan, infer_plan) = if dtype == DType::F32 {
+        (train_plan, infer_plan)
+    } else {
+        (
+            MemoryPlan::for_training_step(&cfg, len, device, DType::F32)?,
+            MemoryPlan::for_inference(&cfg, len, device, DType::F32)?,
+        )
+    };
 
     let data = data(args)?;
     let window = data.train_window(args.seed, 0, len)?.to_vec();
@@ -370,13 +358,13 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
                 backend.describe(),
                 if args.tf32 { "TF32" } else { "f32" }
             );
-            return run_device_model(backend, &cfg, args, &window, plans, summary);
+            return device_model(backend, &cfg, args, &window, plans, summary);
         }
         Runner::Twin => {
             let pool = MemoryPool::with_budget(budget);
             let backend = HostBackend::new(&pool);
             println!("device: {}", backend.describe());
-            return run_device_model(backend, &cfg, args, &window, plans, summary);
+            return device_model(backend, &cfg, args, &window, plans, summary);
         }
         Runner::Reference => {}
     }
@@ -480,7 +468,7 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
 
 /// Training steps and inference passes of the device model on `backend`: the same report as
 /// the reference path, with the device pool's peak (and, on a GPU, the driver's reading).
-fn run_device_model<B: Backend>(
+fn device_model<B: Backend>(
     backend: B,
     cfg: &ModelConfig,
     args: &Args,

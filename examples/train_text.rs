@@ -19,12 +19,15 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use reformer::checkpoint;
+use reformer::checkpoint::Checkpoint;
 use reformer::config::Attention;
 use reformer::data::{TextData, DEFAULT_VALID_FRACTION};
-use reformer::device::{Backend, CudaBackend, DeviceTrainer, HostBackend};
+use reformer::device::{
+    select, Backend, CudaBackend, DeviceRequest, DeviceTrainer, HostBackend, Runner,
+};
 use reformer::train::bits;
 use reformer::{generate, AdamConfig, LrSchedule, ModelConfig, ReformerLm, SampleOptions, Trainer};
-use reformer_engine::{Device, MemoryPool};
+use reformer_engine::MemoryPool;
 
 const DEFAULT_TEXT: &str = "data/shakespeare.txt";
 const DEFAULT_STEPS: u64 = 2000;
@@ -37,6 +40,17 @@ enum DeviceArg {
     Cuda,
     Auto,
     Twin,
+}
+
+impl From<DeviceArg> for DeviceRequest {
+    fn from(a: DeviceArg) -> Self {
+        match a {
+            DeviceArg::Cpu => DeviceRequest::Cpu,
+            DeviceArg::Cuda => DeviceRequest::Cuda,
+            DeviceArg::Auto => DeviceRequest::Auto,
+            DeviceArg::Twin => DeviceRequest::Twin,
+        }
+    }
 }
 
 /// The trainer on the chosen device.
@@ -123,34 +137,50 @@ impl HostModel<'_> {
     }
 }
 
-/// The trainer for `device`: the CPU's, or the device model on a GPU or on the CPU twins.
-/// `make_cpu` and `make_device` build it from scratch or a checkpoint.
-fn on_device(
-    device: DeviceArg,
+/// How a run starts (built once, on the stack; the size difference does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Start<'a> {
+    Fresh {
+        cfg: ModelConfig,
+        seq_len: usize,
+        seed: u64,
+        schedule: LrSchedule,
+        adam: AdamConfig,
+    },
+    Resume(&'a Checkpoint),
+}
+
+fn device_trainer<B: Backend>(
+    b: B,
+    start: &Start,
+    data: TextData,
+    batch: usize,
+) -> reformer::Result<DeviceTrainer<B>> {
+    Ok(match start {
+        Start::Fresh {
+            cfg,
+            seq_len,
+            seed,
+            schedule,
+            adam,
+        } => DeviceTrainer::new(b, cfg, data, *seq_len, *seed, *schedule, *adam)?,
+        Start::Resume(ck) => DeviceTrainer::from_checkpoint(b, ck, data)?,
+    }
+    .with_batch(batch))
+}
+
+/// The trainer `runner` asks for (the CPU's, or the device model on a GPU or on the CPU
+/// twins), started as `start`.
+fn build(
+    runner: Runner,
     tf32: bool,
-    make_cpu: impl FnOnce() -> reformer::Result<Trainer>,
-    make_cuda: impl FnOnce(CudaBackend) -> reformer::Result<DeviceTrainer<CudaBackend>>,
-    make_twin: impl FnOnce(HostBackend) -> reformer::Result<DeviceTrainer<HostBackend>>,
+    start: &Start,
+    pool: &MemoryPool,
+    data: TextData,
+    batch: usize,
 ) -> AnyResult<AnyTrainer> {
-    let cuda = match device {
-        DeviceArg::Cpu | DeviceArg::Twin => None,
-        DeviceArg::Auto => match Device::cuda_if_available() {
-            Device::Cuda(i) => Some(i),
-            Device::Cpu => None,
-        },
-        DeviceArg::Cuda => match reformer_kernels::probe(0) {
-            Ok(info) => {
-                eprintln!("using CUDA device 0: {}", info.name);
-                Some(0)
-            }
-            Err(e) => {
-                eprintln!("--device cuda: no usable GPU ({e}); training on the CPU");
-                None
-            }
-        },
-    };
-    Ok(match (cuda, device) {
-        (Some(ordinal), _) => {
+    Ok(match runner {
+        Runner::Cuda(ordinal) => {
             let b = CudaBackend::new(ordinal, None)?;
             b.set_tf32(tf32)?;
             eprintln!(
@@ -158,14 +188,26 @@ fn on_device(
                 b.describe(),
                 if tf32 { "TF32" } else { "f32" }
             );
-            AnyTrainer::Cuda(Box::new(make_cuda(b)?))
+            AnyTrainer::Cuda(Box::new(device_trainer(b, start, data, batch)?))
         }
-        (None, DeviceArg::Twin) => {
+        Runner::Twin => {
             let b = HostBackend::new(&MemoryPool::unlimited());
             eprintln!("device: {}", b.describe());
-            AnyTrainer::Twin(Box::new(make_twin(b)?))
+            AnyTrainer::Twin(Box::new(device_trainer(b, start, data, batch)?))
         }
-        (None, _) => AnyTrainer::Cpu(Box::new(make_cpu()?)),
+        Runner::Reference => AnyTrainer::Cpu(Box::new(
+            match start {
+                Start::Fresh {
+                    cfg,
+                    seq_len,
+                    seed,
+                    schedule,
+                    adam,
+                } => Trainer::new(cfg, pool, data, *seq_len, *seed, *schedule, *adam)?,
+                Start::Resume(ck) => Trainer::from_checkpoint(ck, pool, data)?,
+            }
+            .with_batch(batch),
+        )),
     })
 }
 
@@ -313,14 +355,14 @@ fn run(args: &Args) -> AnyResult<()> {
             let data = TextData::load(&path, DEFAULT_VALID_FRACTION, ck.state.seq_len)?;
             // The batch is not in the checkpoint: the run continues exactly when --batch is
             // the one it was started with.
-            let batch = args.batch;
-            let (d1, d2) = (data.clone(), data.clone());
-            let mut t = on_device(
-                args.device,
+            let runner = select(args.device.into());
+            let mut t = build(
+                runner,
                 args.tf32,
-                || Ok(Trainer::from_checkpoint(&ck, &pool, data)?.with_batch(batch)),
-                |b| Ok(DeviceTrainer::from_checkpoint(b, &ck, d1)?.with_batch(batch)),
-                |b| Ok(DeviceTrainer::from_checkpoint(b, &ck, d2)?.with_batch(batch)),
+                &Start::Resume(&ck),
+                &pool,
+                data,
+                args.batch,
             )?;
             eprintln!("resumed {} at step {}", from.display(), t.state().step);
             let state = t.state_mut();
@@ -367,20 +409,20 @@ fn run(args: &Args) -> AnyResult<()> {
                 beta2: args.beta2,
                 ..AdamConfig::default()
             };
-            let (seq, seed, batch) = (args.seq_len, args.seed, args.batch);
-            let (d1, d2) = (data.clone(), data.clone());
-            on_device(
-                args.device,
+            let start = Start::Fresh {
+                cfg,
+                seq_len: args.seq_len,
+                seed: args.seed,
+                schedule,
+                adam,
+            };
+            build(
+                select(args.device.into()),
                 args.tf32,
-                || Ok(Trainer::new(&cfg, &pool, data, seq, seed, schedule, adam)?.with_batch(batch)),
-                |b| {
-                    Ok(DeviceTrainer::new(b, &cfg, d1, seq, seed, schedule, adam)?
-                        .with_batch(batch))
-                },
-                |b| {
-                    Ok(DeviceTrainer::new(b, &cfg, d2, seq, seed, schedule, adam)?
-                        .with_batch(batch))
-                },
+                &start,
+                &pool,
+                data,
+                args.batch,
             )?
         }
     };

@@ -17,6 +17,7 @@ pub mod host;
 mod layers;
 pub mod model;
 pub mod plan;
+pub mod select;
 pub mod train;
 
 pub use backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
@@ -24,4 +25,5 @@ pub use cuda::CudaBackend;
 pub use host::HostBackend;
 pub use model::{param_specs, DeviceLm};
 pub use plan::{DevicePlan, PlanBackend};
+pub use select::{select, DeviceRequest, Runner};
 pub use train::DeviceTrainer;
