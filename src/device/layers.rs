@@ -81,6 +81,74 @@ fn rows_out<B: Backend>(
     )
 }
 
+/// A block of rows of a sublayer's input with its layer norm: the rows, `LN` of them, and the
+/// per-row statistics the backward reads. Every sublayer normalises its input this way.
+struct LnBlock<B: Backend> {
+    xs: B::Buf,
+    ln: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+}
+
+impl<B: Backend> LnBlock<B> {
+    fn new(b: &B, rows: usize, d: usize) -> Result<Self> {
+        Ok(Self {
+            xs: b.alloc(&[rows, d])?,
+            ln: b.alloc(&[rows, d])?,
+            mean: b.alloc(&[rows])?,
+            rstd: b.alloc(&[rows])?,
+        })
+    }
+
+    /// Rows `r0..r0 + c` of `x` (width `d`) and their layer norm with gain and bias `(g, beta)`.
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        &mut self,
+        b: &B,
+        vals: &[B::Buf],
+        (g, beta): (usize, usize),
+        x: &B::Buf,
+        r0: usize,
+        c: usize,
+        d: usize,
+    ) -> Result<()> {
+        rows_in(b, x, &mut self.xs, r0, c, d)?;
+        b.layer_norm_forward(
+            &self.xs,
+            &vals[g],
+            &vals[beta],
+            &mut self.ln,
+            &mut self.mean,
+            &mut self.rstd,
+            c,
+            d,
+        )
+    }
+
+    /// Adds `LN'ᵀ dy` to rows `r0..r0 + c` of `dx` (through the scratch `dxs`) and accumulates
+    /// the gain and bias gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        grads: &mut [B::Buf],
+        (g, beta): (usize, usize),
+        dy: &B::Buf,
+        dxs: &mut B::Buf,
+        dx: &mut B::Buf,
+        r0: usize,
+        c: usize,
+        d: usize,
+    ) -> Result<()> {
+        let (dg, db) = pair_mut(grads, g, beta)?;
+        b.layer_norm_backward(
+            &self.xs, &vals[g], &self.mean, &self.rstd, dy, dxs, dg, db, c, d,
+        )?;
+        rows_out(b, dxs, dx, r0, c, d, 1.0, true)
+    }
+}
+
 /// One group of heads `h0..h0 + heads` of a call over `len` positions.
 #[derive(Debug, Clone, Copy)]
 struct Group {
@@ -278,10 +346,7 @@ impl AttnLayer {
             .map(|_| b.alloc(&grp.shape().dims()))
             .collect::<Result<Vec<_>>>()?;
         let c_max = chunk.min(len);
-        let mut xs = b.alloc(&[c_max, d])?;
-        let mut ln = b.alloc(&[c_max, d])?;
-        let mut mean = b.alloc(&[c_max])?;
-        let mut rstd = b.alloc(&[c_max])?;
+        let mut ln = LnBlock::new(b, c_max, d)?;
         let mut p = b.alloc(&[c_max, gw])?;
         let copies = if grp.all {
             Vec::new()
@@ -292,24 +357,14 @@ impl AttnLayer {
                 .collect::<Result<Vec<_>>>()?
         };
         for (r0, c) in blocks(len, chunk) {
-            rows_in(b, x, &mut xs, r0, c, d)?;
-            b.layer_norm_forward(
-                &xs,
-                &vals[self.ln_g],
-                &vals[self.ln_b],
-                &mut ln,
-                &mut mean,
-                &mut rstd,
-                c,
-                d,
-            )?;
+            ln.load(b, vals, (self.ln_g, self.ln_b), x, r0, c, d)?;
             for (i, dst) in heads.iter_mut().enumerate() {
                 let w = if grp.all {
                     &vals[self.proj[i]]
                 } else {
                     &copies[i]
                 };
-                b.gemm(&mut p, &ln, w, c, d, gw, false, false, false)?;
+                b.gemm(&mut p, &ln.ln, w, c, d, gw, false, false, false)?;
                 grp.scatter(b, &p, dst, r0, c)?;
             }
         }
@@ -549,10 +604,7 @@ impl AttnLayer {
             self.width(),
         );
         let c_max = chunk.min(grp.len);
-        let mut xs = b.alloc(&[c_max, d])?;
-        let mut ln = b.alloc(&[c_max, d])?;
-        let mut mean = b.alloc(&[c_max])?;
-        let mut rstd = b.alloc(&[c_max])?;
+        let mut ln = LnBlock::new(b, c_max, d)?;
         let mut d_ln = b.alloc(&[c_max, d])?;
         let mut dxs = b.alloc(&[c_max, d])?;
         let mut g = b.alloc(&[c_max, gw])?;
@@ -572,17 +624,7 @@ impl AttnLayer {
             (copies, dws)
         };
         for (r0, c) in blocks(grp.len, chunk) {
-            rows_in(b, x, &mut xs, r0, c, d)?;
-            b.layer_norm_forward(
-                &xs,
-                &vals[self.ln_g],
-                &vals[self.ln_b],
-                &mut ln,
-                &mut mean,
-                &mut rstd,
-                c,
-                d,
-            )?;
+            ln.load(b, vals, (self.ln_g, self.ln_b), x, r0, c, d)?;
             for (i, hg) in head_grads.iter().enumerate() {
                 grp.gather(b, hg, &mut g, r0, c)?;
                 let (dw, w) = if grp.all {
@@ -590,23 +632,11 @@ impl AttnLayer {
                 } else {
                     (&mut dws[i], &copies[i])
                 };
-                b.gemm(dw, &ln, &g, d, c, gw, true, false, true)?;
+                b.gemm(dw, &ln.ln, &g, d, c, gw, true, false, true)?;
                 b.gemm(&mut d_ln, &g, w, c, gw, d, false, true, i > 0)?;
             }
-            let (dg, db) = pair_mut(grads, self.ln_g, self.ln_b)?;
-            b.layer_norm_backward(
-                &xs,
-                &vals[self.ln_g],
-                &mean,
-                &rstd,
-                &d_ln,
-                &mut dxs,
-                dg,
-                db,
-                c,
-                d,
-            )?;
-            rows_out(b, &dxs, dx, r0, c, d, 1.0, true)?;
+            let params = (self.ln_g, self.ln_b);
+            ln.backward(b, vals, grads, params, &d_ln, &mut dxs, dx, r0, c, d)?;
         }
         for (i, dw) in dws.iter().enumerate() {
             b.copy2d(
@@ -639,10 +669,7 @@ pub(crate) struct FfLayer {
 
 /// Per-chunk scratch of the feed-forward.
 struct FfScratch<B: Backend> {
-    xs: B::Buf,
-    ln: B::Buf,
-    mean: B::Buf,
-    rstd: B::Buf,
+    ln: LnBlock<B>,
     h: B::Buf,
     g: Option<B::Buf>,
     f: B::Buf,
@@ -660,10 +687,7 @@ impl FfLayer {
         let (d, f) = (self.cfg.d_model, self.cfg.d_ff);
         let c = self.cfg.ff_chunk.min(rows).max(1);
         Ok(FfScratch {
-            xs: b.alloc(&[c, d])?,
-            ln: b.alloc(&[c, d])?,
-            mean: b.alloc(&[c])?,
-            rstd: b.alloc(&[c])?,
+            ln: LnBlock::new(b, c, d)?,
             h: b.alloc(&[c, f])?,
             g: if with_g {
                 Some(b.alloc(&[c, f])?)
@@ -688,20 +712,10 @@ impl FfLayer {
         masks: &Masks,
     ) -> Result<bool> {
         let (d, f) = (self.cfg.d_model, self.cfg.d_ff);
-        rows_in(b, x, &mut s.xs, r0, c, d)?;
-        b.layer_norm_forward(
-            &s.xs,
-            &vals[self.ln_g],
-            &vals[self.ln_b],
-            &mut s.ln,
-            &mut s.mean,
-            &mut s.rstd,
-            c,
-            d,
-        )?;
+        s.ln.load(b, vals, (self.ln_g, self.ln_b), x, r0, c, d)?;
         b.gemm(
             &mut s.h,
-            &s.ln,
+            &s.ln.ln,
             &vals[self.w1],
             c,
             d,
@@ -788,15 +802,7 @@ impl FfLayer {
             if let Some(r) = reconstruct.as_deref_mut() {
                 rows_out(b, &s.f, r, r0, c, d, -1.0, true)?;
             }
-            let FfScratch {
-                xs,
-                ln,
-                mean,
-                rstd,
-                h,
-                g,
-                f: df,
-            } = &mut s;
+            let FfScratch { ln, h, g, f: df } = &mut s;
             let g = g
                 .as_mut()
                 .ok_or_else(|| ReformerError::Config("feed-forward scratch without g".into()))?;
@@ -816,12 +822,11 @@ impl FfLayer {
             }
             b.relu_mask_in_place(h, g, c * f)?;
             // dW1 += lnᵀ dh; db1 += Σ dh; dln = dh·W1ᵀ (into df).
-            b.gemm(&mut grads[self.w1], ln, g, d, c, f, true, false, true)?;
+            b.gemm(&mut grads[self.w1], &ln.ln, g, d, c, f, true, false, true)?;
             b.column_sums_acc(g, &mut grads[self.b1], c, f)?;
             b.gemm(df, g, &vals[self.w1], c, f, d, false, true, false)?;
-            let (dg, db) = pair_mut(grads, self.ln_g, self.ln_b)?;
-            b.layer_norm_backward(xs, &vals[self.ln_g], mean, rstd, df, &mut dxs, dg, db, c, d)?;
-            rows_out(b, &dxs, dx, r0, c, d, 1.0, true)?;
+            let params = (self.ln_g, self.ln_b);
+            ln.backward(b, vals, grads, params, df, &mut dxs, dx, r0, c, d)?;
         }
         Ok(())
     }
