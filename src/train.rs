@@ -103,40 +103,22 @@ impl Trainer {
     /// the step context of that number (its own dropout masks and LSH rotations); with one
     /// window per step this is window `s` with context `s`.
     pub fn step(&mut self) -> Result<StepStats> {
-        let step = self.state.step;
-        let batch = self.batch.max(1) as u64;
+        let batch = self.batch;
         self.model.zero_grad();
-        let mut loss_sum = 0.0f64;
-        for k in 0..batch {
-            let index = step * batch + k;
-            let window = self
-                .data
-                .train_window(self.state.data_seed, index, self.state.seq_len)?;
-            let loss = self
-                .model
-                .train_step_grads(window, &StepContext::train(index))?;
-            loss_sum += loss as f64;
-        }
+        let model = &mut self.model;
+        let loss = train_windows(&self.data, &self.state, batch, |w, ctx| {
+            model.train_step_grads(w, ctx)
+        })?;
         if batch > 1 {
             let scale = 1.0 / batch as f32;
             for p in self.model.params_mut() {
                 p.grad.data_mut().iter_mut().for_each(|g| *g *= scale);
             }
         }
-        let loss = (loss_sum / batch as f64) as f32;
-        let lr = self.state.schedule.lr_at(step);
+        let lr = self.state.schedule.lr_at(self.state.step);
         let mut params = self.model.params_mut();
         let stats = self.adam.update(&mut params, lr)?;
-        let tokens = self.state.seq_len * batch as usize;
-        self.state.step += 1;
-        self.state.tokens_seen += tokens as u64;
-        Ok(StepStats {
-            step,
-            loss,
-            lr,
-            grad_norm: stats.grad_norm,
-            tokens,
-        })
+        Ok(advance(&mut self.state, batch, loss, lr, stats.grad_norm))
     }
 
     /// Mean validation loss (nats per byte) over up to `max_windows` fixed windows, with
@@ -154,28 +136,13 @@ impl Trainer {
         max_windows: usize,
         rounds: Option<usize>,
     ) -> Result<Option<f32>> {
-        let windows: Vec<Vec<u8>> = self
-            .data
-            .valid_windows(len, max_windows)
-            .into_iter()
-            .map(<[u8]>::to_vec)
-            .collect();
-        if windows.is_empty() {
-            return Ok(None);
-        }
         let train_rounds = self.model.rounds();
         self.model
             .set_rounds(rounds.unwrap_or(self.model.config().eval_rounds))?;
-        let result = (|| {
-            let (mut sum, mut count) = (0.0f64, 0usize);
-            for w in &windows {
-                let n = w.len() - 1;
-                let loss = self.model.eval_loss(w, &StepContext::eval(0))?;
-                sum += loss as f64 * n as f64;
-                count += n;
-            }
-            Ok(Some((sum / count as f64) as f32))
-        })();
+        let model = &mut self.model;
+        let result = validation_loss(&self.data, len, max_windows, |w| {
+            model.eval_loss_sum(w, &StepContext::eval(0))
+        });
         self.model.set_rounds(train_rounds)?;
         result
     }
@@ -185,4 +152,66 @@ impl Trainer {
         checkpoint::save(path, &self.model, &self.adam, &self.state)?;
         Ok(())
     }
+}
+
+/// Runs `grads` (one window's forward and backward, returning its mean loss) on each of the
+/// `batch` windows of the step `state` is at, and returns their mean loss. Window `k` of step
+/// `s` is the data pipeline's window `s·batch + k`, with the step context of that number (its
+/// own dropout masks and LSH rotations): both trainers, on every device, step through the data
+/// alike.
+pub(crate) fn train_windows(
+    data: &TextData,
+    state: &TrainState,
+    batch: usize,
+    mut grads: impl FnMut(&[u8], &StepContext) -> Result<f32>,
+) -> Result<f32> {
+    let batch = batch.max(1) as u64;
+    let mut loss_sum = 0.0f64;
+    for k in 0..batch {
+        let index = state.step * batch + k;
+        let window = data.train_window(state.data_seed, index, state.seq_len)?;
+        loss_sum += grads(window, &StepContext::train(index))? as f64;
+    }
+    Ok((loss_sum / batch as f64) as f32)
+}
+
+/// Counts a finished step of `batch` windows in `state` and reports it.
+pub(crate) fn advance(
+    state: &mut TrainState,
+    batch: usize,
+    loss: f32,
+    lr: f32,
+    grad_norm: f32,
+) -> StepStats {
+    let step = state.step;
+    let tokens = state.seq_len * batch.max(1);
+    state.step += 1;
+    state.tokens_seen += tokens as u64;
+    StepStats {
+        step,
+        loss,
+        lr,
+        grad_norm,
+        tokens,
+    }
+}
+
+/// Mean loss (nats per byte) over up to `max_windows` fixed validation windows of `len`
+/// tokens, `loss_sum` giving one window's summed loss; `None` without validation data.
+pub(crate) fn validation_loss(
+    data: &TextData,
+    len: usize,
+    max_windows: usize,
+    mut loss_sum: impl FnMut(&[u8]) -> Result<f64>,
+) -> Result<Option<f32>> {
+    let windows = data.valid_windows(len, max_windows);
+    if windows.is_empty() {
+        return Ok(None);
+    }
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for w in windows {
+        sum += loss_sum(w)?;
+        count += w.len() - 1;
+    }
+    Ok(Some((sum / count as f64) as f32))
 }

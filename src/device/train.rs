@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::model::ReformerLm;
 use crate::optim::{Adam, AdamConfig, LrSchedule};
 use crate::param::HasParams;
-use crate::train::StepStats;
+use crate::train::{advance, train_windows, validation_loss, StepStats};
 
 pub struct DeviceTrainer<B: Backend> {
     pub lm: DeviceLm<B>,
@@ -87,35 +87,17 @@ impl<B: Backend> DeviceTrainer<B> {
     /// [`crate::Trainer::step`]: window `k` of step `s` is the pipeline's window `s·batch + k`
     /// with that number's step context; the gradient is the mean over the windows.
     pub fn step(&mut self) -> Result<StepStats> {
-        let step = self.state.step;
-        let batch = self.batch.max(1) as u64;
+        let batch = self.batch.max(1);
         self.lm.zero_grad()?;
-        let mut loss_sum = 0.0f64;
-        for k in 0..batch {
-            let index = step * batch + k;
-            let window = self
-                .data
-                .train_window(self.state.data_seed, index, self.state.seq_len)?;
-            let loss = self
-                .lm
-                .train_step_grads(window, &StepContext::train(index))?;
-            loss_sum += loss as f64;
-        }
-        let loss = (loss_sum / batch as f64) as f32;
-        let lr = self.state.schedule.lr_at(step);
+        let lm = &mut self.lm;
+        let loss = train_windows(&self.data, &self.state, batch, |w, ctx| {
+            lm.train_step_grads(w, ctx)
+        })?;
+        let lr = self.state.schedule.lr_at(self.state.step);
         let stats = self
             .lm
             .adam_update_scaled(self.state.adam, lr, 1.0 / batch as f32)?;
-        let tokens = self.state.seq_len * batch as usize;
-        self.state.step += 1;
-        self.state.tokens_seen += tokens as u64;
-        Ok(StepStats {
-            step,
-            loss,
-            lr,
-            grad_norm: stats.grad_norm,
-            tokens,
-        })
+        Ok(advance(&mut self.state, batch, loss, lr, stats.grad_norm))
     }
 
     /// Mean validation loss (nats per byte) over up to `max_windows` windows of the training
@@ -132,26 +114,13 @@ impl<B: Backend> DeviceTrainer<B> {
         max_windows: usize,
         rounds: Option<usize>,
     ) -> Result<Option<f32>> {
-        let windows: Vec<Vec<u8>> = self
-            .data
-            .valid_windows(len, max_windows)
-            .into_iter()
-            .map(<[u8]>::to_vec)
-            .collect();
-        if windows.is_empty() {
-            return Ok(None);
-        }
-        let cfg = self.lm.config().clone();
         let train_rounds = self.lm.rounds();
-        self.lm.set_rounds(rounds.unwrap_or(cfg.eval_rounds))?;
-        let result = (|| {
-            let (mut sum, mut count) = (0.0f64, 0usize);
-            for w in &windows {
-                sum += self.lm.eval_loss_sum(w, &StepContext::eval(0))?;
-                count += w.len() - 1;
-            }
-            Ok(Some((sum / count as f64) as f32))
-        })();
+        self.lm
+            .set_rounds(rounds.unwrap_or(self.lm.config().eval_rounds))?;
+        let lm = &mut self.lm;
+        let result = validation_loss(&self.data, len, max_windows, |w| {
+            lm.eval_loss_sum(w, &StepContext::eval(0))
+        });
         self.lm.set_rounds(train_rounds)?;
         result
     }
