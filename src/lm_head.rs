@@ -44,6 +44,18 @@ impl Scratch {
     }
 }
 
+/// One row's cross-entropy `logsumexp(row) − row[target]`; the row becomes its gradient
+/// `scale · (softmax(row) − onehot(target))`.
+pub fn cross_entropy_row(row: &mut [f32], target: usize, scale: f32) -> f32 {
+    let lse = reformer_engine::ops::logsumexp(row);
+    let loss = lse - row[target];
+    for v in row.iter_mut() {
+        *v = (*v - lse).exp() * scale;
+    }
+    row[target] -= scale;
+    loss
+}
+
 impl LmHead {
     pub fn new(pool: &MemoryPool, d_model: usize, chunk: usize, rng: &mut Rng) -> Result<Self> {
         let width = 2 * d_model;
@@ -170,16 +182,7 @@ impl LmHead {
             let per_row: Vec<f32> = logits
                 .par_chunks_mut(VOCAB)
                 .zip(targets[start..start + rows].par_iter())
-                .map(|(row, &t)| {
-                    let t = t as usize;
-                    let lse = reformer_engine::ops::logsumexp(row);
-                    let loss = lse - row[t];
-                    for v in row.iter_mut() {
-                        *v = (*v - lse).exp() * scale;
-                    }
-                    row[t] -= scale;
-                    loss
-                })
+                .map(|(row, &t)| cross_entropy_row(row, t as usize, scale))
                 .collect();
             total += per_row.iter().map(|&l| l as f64).sum::<f64>();
             let dlogits = &s.logits.data()[..rows * VOCAB];

@@ -68,6 +68,46 @@ impl LrSchedule {
 }
 
 /// Adam's state: first and second moments per parameter, and the number of updates made.
+/// The constants of one Adam update: clipping factor, betas, bias-corrected step size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamCoefficients {
+    clip: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    /// `lr / (1 − β1^t)`.
+    step_size: f32,
+    /// `1 / sqrt(1 − β2^t)`.
+    rc2: f32,
+}
+
+impl AdamCoefficients {
+    /// Update `step` (1-based) at learning rate `lr`, the gradient scaled by `clip` first.
+    pub fn new(cfg: &AdamConfig, lr: f32, step: u64, clip: f32) -> Self {
+        let t = step.min(i32::MAX as u64) as i32;
+        let c1 = 1.0 - (cfg.beta1 as f64).powi(t);
+        let c2 = 1.0 - (cfg.beta2 as f64).powi(t);
+        Self {
+            clip,
+            b1: cfg.beta1,
+            b2: cfg.beta2,
+            eps: cfg.eps,
+            step_size: (lr as f64 / c1) as f32,
+            rc2: (1.0 / c2.sqrt()) as f32,
+        }
+    }
+
+    /// The update of one block of a parameter `w` from its gradient `g` and moments `m`, `v`.
+    pub fn apply(&self, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        for i in 0..w.len() {
+            let g = g[i] * self.clip;
+            m[i] = self.b1 * m[i] + (1.0 - self.b1) * g;
+            v[i] = self.b2 * v[i] + (1.0 - self.b2) * g * g;
+            w[i] -= self.step_size * m[i] / (v[i].sqrt() * self.rc2 + self.eps);
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Adam {
     pub cfg: AdamConfig,
@@ -150,18 +190,7 @@ impl Adam {
             _ => 1.0,
         };
         self.step += 1;
-        let t = self.step as i32;
-        let AdamConfig {
-            beta1: b1,
-            beta2: b2,
-            eps,
-            ..
-        } = self.cfg;
-        let c1 = 1.0 - (b1 as f64).powi(t);
-        let c2 = 1.0 - (b2 as f64).powi(t);
-        // p -= lr · m̂ / (sqrt(v̂) + eps) with m̂ = m / c1, v̂ = v / c2.
-        let step_size = (lr as f64 / c1) as f32;
-        let rc2 = (1.0 / c2.sqrt()) as f32;
+        let k = AdamCoefficients::new(&self.cfg, lr, self.step, clip);
         for ((p, m), v) in params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
             let Param { value, grad, .. } = &mut **p;
             value
@@ -170,14 +199,7 @@ impl Adam {
                 .zip(grad.data().par_chunks(BLOCK))
                 .zip(m.data_mut().par_chunks_mut(BLOCK))
                 .zip(v.data_mut().par_chunks_mut(BLOCK))
-                .for_each(|(((w, g), m), v)| {
-                    for i in 0..w.len() {
-                        let g = g[i] * clip;
-                        m[i] = b1 * m[i] + (1.0 - b1) * g;
-                        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                        w[i] -= step_size * m[i] / (v[i].sqrt() * rc2 + eps);
-                    }
-                });
+                .for_each(|(((w, g), m), v)| k.apply(w, g, m, v));
         }
         Ok(UpdateStats { lr, grad_norm })
     }

@@ -20,11 +20,37 @@ pub struct LayerNorm {
 
 /// Mean and `1/sqrt(var + eps)` of one row (two passes).
 #[inline]
-fn row_stats(x: &[f32]) -> (f32, f32) {
+pub fn row_stats(x: &[f32]) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
     let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
     (mean, 1.0 / (var + LN_EPS).sqrt())
+}
+
+/// `y = (x − mean)·rstd·g + b` for one row.
+#[inline]
+pub fn normalize_row(x: &[f32], mean: f32, rstd: f32, g: &[f32], b: &[f32], y: &mut [f32]) {
+    for j in 0..x.len() {
+        y[j] = (x[j] - mean) * rstd * g[j] + b[j];
+    }
+}
+
+/// Adds one row's input gradient to `dx`: with `dxhat = dy·g`,
+/// `dx += rstd·(dxhat − mean(dxhat) − xhat·mean(dxhat·xhat))`.
+#[inline]
+pub fn backward_row_add(x: &[f32], dy: &[f32], g: &[f32], mean: f32, rstd: f32, dx: &mut [f32]) {
+    let dim = x.len();
+    let (mut s1, mut s2) = (0.0f32, 0.0f32);
+    for j in 0..dim {
+        let dxh = dy[j] * g[j];
+        s1 += dxh;
+        s2 += dxh * (x[j] - mean) * rstd;
+    }
+    let (m1, m2) = (s1 / dim as f32, s2 / dim as f32);
+    for j in 0..dim {
+        let xhat = (x[j] - mean) * rstd;
+        dx[j] += rstd * (dy[j] * g[j] - m1 - xhat * m2);
+    }
 }
 
 impl LayerNorm {
@@ -59,9 +85,7 @@ impl LayerNorm {
         for_rows(y, dim, n, |r, y| {
             let x = &x[r * dim..(r + 1) * dim];
             let (mean, rstd) = row_stats(x);
-            for j in 0..dim {
-                y[j] = (x[j] - mean) * rstd * g[j] + b[j];
-            }
+            normalize_row(x, mean, rstd, g, b, y);
         });
         Ok(())
     }
@@ -97,19 +121,7 @@ impl LayerNorm {
         let (g, stats) = (self.gamma.value.data(), &stats[..]);
         for_rows(dx, dim, n, |r, dx| {
             let (x, dy) = (&x[r * dim..(r + 1) * dim], &dy[r * dim..(r + 1) * dim]);
-            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-            // dxhat = dy·γ; dx = rstd (dxhat − mean(dxhat) − xhat·mean(dxhat·xhat))
-            let (mut s1, mut s2) = (0.0f32, 0.0f32);
-            for j in 0..dim {
-                let dxh = dy[j] * g[j];
-                s1 += dxh;
-                s2 += dxh * (x[j] - mean) * rstd;
-            }
-            let (m1, m2) = (s1 / dim as f32, s2 / dim as f32);
-            for j in 0..dim {
-                let xhat = (x[j] - mean) * rstd;
-                dx[j] += rstd * (dy[j] * g[j] - m1 - xhat * m2);
-            }
+            backward_row_add(x, dy, g, stats[2 * r], stats[2 * r + 1], dx);
         });
         // Gain and bias gradients: column sums in f64, a block of columns per task, into
         // `[gain block, bias block]` pairs.

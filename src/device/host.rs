@@ -15,11 +15,13 @@ use reformer_lsh::{
     local_attention_forward, lsh_attention_backward, lsh_attention_forward, shared_qk_grad,
     shared_qk_rule, unit_keys, LocalConfig, LshConfig, LshSaved, Rotations,
 };
-use reformer_reversible::layer_norm::LN_EPS;
+use reformer_reversible::layer_norm::{backward_row_add, normalize_row, row_stats};
 use reformer_reversible::Dropout;
 
 use super::backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
 use crate::error::{ReformerError, Result};
+use crate::lm_head::cross_entropy_row;
+use crate::optim::{AdamCoefficients, AdamConfig};
 
 /// The host backend: buffers from `pool`.
 #[derive(Debug, Clone)]
@@ -82,13 +84,6 @@ fn shaped(t: &Tensor, shape: HeadShape) -> Result<&Tensor> {
         )));
     }
     Ok(t)
-}
-
-fn row_stats(x: &[f32]) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + LN_EPS).sqrt())
 }
 
 impl Backend for HostBackend {
@@ -223,9 +218,7 @@ impl Backend for HostBackend {
             .for_each(|(r, (y, (m, s)))| {
                 let x = &x[r * cols..(r + 1) * cols];
                 (*m, *s) = row_stats(x);
-                for j in 0..cols {
-                    y[j] = (x[j] - *m) * *s * g[j] + b[j];
-                }
+                normalize_row(x, *m, *s, g, b, y);
             });
         Ok(())
     }
@@ -253,30 +246,27 @@ impl Backend for HostBackend {
             .par_chunks_mut(cols)
             .enumerate()
             .for_each(|(r, dx)| {
+                dx.fill(0.0);
                 let (x, dy) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
-                let (m, s) = (mean[r], rstd[r]);
-                let (mut s1, mut s2) = (0.0f32, 0.0f32);
-                for j in 0..cols {
-                    let dxh = dy[j] * g[j];
-                    s1 += dxh;
-                    s2 += dxh * (x[j] - m) * s;
-                }
-                let (m1, m2) = (s1 / cols as f32, s2 / cols as f32);
-                for j in 0..cols {
-                    let xhat = (x[j] - m) * s;
-                    dx[j] = s * (dy[j] * g[j] - m1 - xhat * m2);
-                }
+                backward_row_add(x, dy, g, mean[r], rstd[r], dx);
             });
-        let (dg, db) = (dgamma.data_mut(), dbeta.data_mut());
-        for j in 0..cols {
-            let (mut ag, mut ab) = (0.0f64, 0.0f64);
-            for r in 0..rows {
-                let v = dy[r * cols + j];
-                ag += (v * (x[r * cols + j] - mean[r]) * rstd[r]) as f64;
-                ab += v as f64;
+        // Gain and bias gradients, summed over rows in f64, row by row.
+        let (mut ag, mut ab) = (vec![0.0f64; cols], vec![0.0f64; cols]);
+        for r in 0..rows {
+            let (xr, dyr) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+            for j in 0..cols {
+                ag[j] += (dyr[j] * (xr[j] - mean[r]) * rstd[r]) as f64;
+                ab[j] += dyr[j] as f64;
             }
-            dg[j] += ag as f32;
-            db[j] += ab as f32;
+        }
+        for ((dg, db), (a, b)) in dgamma
+            .data_mut()
+            .iter_mut()
+            .zip(dbeta.data_mut())
+            .zip(ag.iter().zip(&ab))
+        {
+            *dg += *a as f32;
+            *db += *b as f32;
         }
         Ok(())
     }
@@ -421,17 +411,9 @@ impl Backend for HostBackend {
         Ok(logits.data_mut()[..rows * vocab]
             .par_chunks_mut(vocab)
             .zip(targets.par_iter())
-            .map(|(row, &t)| {
-                let t = t as usize;
-                let lse = reformer_engine::ops::logsumexp(row);
-                let loss = lse - row[t];
-                if let Some(scale) = grad_scale {
-                    for v in row.iter_mut() {
-                        *v = (*v - lse).exp() * scale;
-                    }
-                    row[t] -= scale;
-                }
-                loss
+            .map(|(row, &t)| match grad_scale {
+                Some(scale) => cross_entropy_row(row, t as usize, scale),
+                None => reformer_engine::ops::logsumexp(row) - row[t as usize],
             })
             .collect())
     }
@@ -457,20 +439,18 @@ impl Backend for HostBackend {
                 return Err(bad(format!("adam: {what} holds {len}, the parameter {n}")));
             }
         }
-        let t = hp.step.min(i32::MAX as u64) as i32;
-        let c1 = 1.0 - (hp.beta1 as f64).powi(t);
-        let c2 = 1.0 - (hp.beta2 as f64).powi(t);
-        let step_size = (hp.lr as f64 / c1) as f32;
-        let rc2 = (1.0 / c2.sqrt()) as f32;
-        let (b1, b2) = (hp.beta1, hp.beta2);
-        let (w, g) = (param.data_mut(), grad.data());
-        let (m, v) = (m.data_mut(), v.data_mut());
-        for i in 0..n {
-            let g = g[i] * hp.clip;
-            m[i] = b1 * m[i] + (1.0 - b1) * g;
-            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-            w[i] -= step_size * m[i] / (v[i].sqrt() * rc2 + hp.eps);
-        }
+        let cfg = AdamConfig {
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            clip_norm: None,
+        };
+        AdamCoefficients::new(&cfg, hp.lr, hp.step, hp.clip).apply(
+            param.data_mut(),
+            grad.data(),
+            m.data_mut(),
+            v.data_mut(),
+        );
         Ok(())
     }
 
