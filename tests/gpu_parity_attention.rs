@@ -1,14 +1,17 @@
 //! CPU-vs-GPU parity of every attention kind, forward and backward: shared-QK LSH attention
 //! (given the CPU's buckets, and end to end with hashing on the device), chunked local
 //! attention, exact attention (scaled and shared-QK), LSH = exact with one bucket on the GPU,
-//! and a bf16-storage run. The CPU functions of `reformer-lsh` are the reference.
+//! and the kernels reading bf16-stored activations (LSH, local and shared-QK exact attention,
+//! forward and backward; hashing and the row dot). The CPU functions of `reformer-lsh` are the
+//! reference.
 //!
 //! Inputs are fresh random tensors (engine `Rng`); every device output is NaN-poisoned before
 //! the kernels run, so an element a kernel never wrote fails the comparison.
 //!
 //! Tolerance (f32): every element within `atol + 1e-4·|cpu|`, `atol = 2e-5·max(1, max|cpu|)`
-//! over the tensor (the floor scales with the tensor's largest entry). The bf16-storage check
-//! states its own, looser tolerance.
+//! over the tensor (the floor scales with the tensor's largest entry). The bf16 runs meet the
+//! same tolerance against the CPU on the same bf16 values; one also states the looser bf16
+//! tolerance against the CPU on the unrounded f32 inputs.
 //!
 //! Without a GPU each test prints `SKIPPED: no GPU (<reason>)` and passes, unless
 //! `REFORMER_REQUIRE_GPU=1`.
@@ -712,59 +715,302 @@ fn exact_shared_qk_attention_matches_the_cpu() {
 }
 
 // ----- bf16 storage ---------------------------------------------------------------------------
+//
+// The attention kernels, the hash and the row dot read activations stored as bf16 directly
+// (widening each element to f32 on load) and compute in f32. Against the CPU run on the same
+// bf16 values the f32 tolerance holds: both compute in f32 on exactly the same numbers. For the
+// backward, `out` is the device's own f32 output as the device stores it in bf16
+// (ew_f32_to_bf16), and the CPU's backward gets those same values.
+
+/// `x` rounded to bf16 (nearest even) and widened back: the values a bf16 buffer holds.
+fn round_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&a| bf16::from_f32(a).to_f32()).collect()
+}
+
+/// `x` stored as bf16 on the device (rounded on the host).
+fn up_bf16(ctx: &GpuContext, x: &[f32]) -> DeviceBuffer<bf16> {
+    let h: Vec<bf16> = x.iter().map(|&a| bf16::from_f32(a)).collect();
+    ctx.upload(&h).unwrap()
+}
+
+/// A device f32 result stored as bf16 by the device, and the stored values widened on the host.
+fn store_bf16(ctx: &GpuContext, x: &DeviceBuffer<f32>) -> (DeviceBuffer<bf16>, Vec<f32>) {
+    let mut h = ctx.alloc::<bf16>(x.len()).unwrap();
+    elementwise::f32_to_bf16(ctx, x, &mut h).unwrap();
+    let vals = ctx
+        .download(&h)
+        .unwrap()
+        .iter()
+        .map(|b| b.to_f32())
+        .collect();
+    (h, vals)
+}
 
 #[test]
-fn bf16_storage_local_attention() {
-    // q, k, v stored as bf16 on the device and widened with ew_bf16_to_f32 before attention.
-    // Against the CPU on the same bf16-rounded inputs the f32 tolerance holds; against the CPU
-    // on the original f32 inputs the stated bf16 tolerance is rtol 5e-2 with an absolute floor
-    // of 2e-2·max(1, max|cpu|) (bf16 keeps 8 significant bits: ~4e-3 relative per input).
-    let Some(ctx) = context_for_test("bf16_storage_local_attention") else {
+fn lsh_attention_reads_bf16_activations() {
+    // qk, v, out and d_out in bf16, given the CPU's buckets; every LSH case.
+    let Some(ctx) = context_for_test("lsh_attention_reads_bf16_activations") else {
         return;
     };
-    let dims = AttnDims::new(2, 192, 64);
-    let cfg = cpu::LocalConfig {
-        chunk_len: 64,
-        causal: true,
-    };
-    let mut rng = Rng::new(500);
-    let [q, k, v] = [0; 3].map(|_| randn(&mut rng, dims.numel(), 1.0));
-    let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&a| bf16::from_f32(a).to_f32()).collect() };
+    for (i, c) in LSH_CASES.iter().enumerate() {
+        let name = format!("bf16 lsh case {i} {c:?}");
+        let mut rng = Rng::new(600 + i as u64);
+        let dims = AttnDims::new(c.heads, c.len, c.d);
+        let [qk, v, d_out] = [0; 3].map(|_| round_bf16(&randn(&mut rng, dims.numel(), 1.0)));
+        let rot = cpu::Rotations::random(c.d, c.rounds, cpu_buckets(c.buckets), &mut rng).unwrap();
+        let mask = make_mask(c.mask, dims, &mut rng);
+        let pool = MemoryPool::unlimited();
+        let t = |x: &[f32]| tensor(&pool, dims, x);
+        let cfg = cpu::LshConfig {
+            chunk_len: c.chunk,
+            causal: c.causal,
+        };
+        let (c_out, saved) =
+            cpu::lsh_attention_forward(&t(&qk), &t(&v), &rot, &cfg, mask.as_deref()).unwrap();
+        let buckets = saved.buckets.to_vec();
 
-    // f32 -> bf16 storage on the device -> f32 working copy.
-    let widen = |x: &[f32]| -> DeviceBuffer<f32> {
-        let mut half = ctx.alloc::<bf16>(x.len()).unwrap();
-        elementwise::f32_to_bf16(&ctx, &ctx.upload(x).unwrap(), &mut half).unwrap();
-        let mut wide = ctx.alloc::<f32>(x.len()).unwrap();
-        elementwise::bf16_to_f32(&ctx, &half, &mut wide).unwrap();
-        wide
-    };
-    let (qd, kd, vd) = (widen(&q), widen(&k), widen(&v));
-    let gcfg = GpuLocalConfig {
-        chunk_len: 64,
-        causal: true,
-    };
-    let (out, _) =
-        gpu_attn::local_attention_forward(&ctx, &qd, &kd, &vd, dims, &gcfg, None).unwrap();
-    let out = down(&ctx, &out);
+        let gcfg = GpuLshConfig {
+            buckets: c.buckets,
+            n_rounds: c.rounds,
+            chunk_len: c.chunk,
+            causal: c.causal,
+        };
+        let [qkd, vd, gd] = [&qk, &v, &d_out].map(|x| up_bf16(&ctx, x));
+        let mask_d = mask.as_deref().map(|m| ctx.upload_mask(m).unwrap());
+        let (out, g_saved) = gpu_attn::lsh_attention_forward_with_buckets(
+            &ctx,
+            &qkd,
+            &vd,
+            dims,
+            ctx.upload(&buckets).unwrap(),
+            &gcfg,
+            mask_d.as_ref(),
+        )
+        .unwrap();
+        assert_close(&format!("{name} out"), &down(&ctx, &out), c_out.data());
+        assert_close(
+            &format!("{name} lse"),
+            &down(&ctx, &g_saved.lse),
+            &saved.lse,
+        );
 
-    let pool = MemoryPool::unlimited();
-    let t = |x: &[f32]| tensor(&pool, dims, x);
-    let (rounded, _) =
-        cpu::local_attention_forward(&t(&round(&q)), &t(&round(&k)), &t(&round(&v)), &cfg, None)
+        let (out_h, out_vals) = store_bf16(&ctx, &out);
+        let (c_dqk, c_dv) = cpu::lsh_attention_backward(
+            &t(&qk),
+            &t(&v),
+            &t(&out_vals),
+            &t(&d_out),
+            &saved,
+            &rot,
+            &cfg,
+            mask.as_deref(),
+        )
+        .unwrap();
+        let (dqk, dv) = gpu_attn::lsh_attention_backward(
+            &ctx,
+            &qkd,
+            &vd,
+            &out_h,
+            &gd,
+            &g_saved,
+            &gcfg,
+            mask_d.as_ref(),
+        )
+        .unwrap();
+        assert_close(&format!("{name} d_qk"), &down(&ctx, &dqk), c_dqk.data());
+        assert_close(&format!("{name} d_v"), &down(&ctx, &dv), c_dv.data());
+    }
+}
+
+#[test]
+fn local_attention_reads_bf16_activations() {
+    // q, k, v, out and d_out in bf16. Case 0 also states the bf16 storage error against the CPU
+    // on the original f32 inputs: rtol 5e-2 with an absolute floor of 2e-2·max(1, max|cpu|)
+    // (bf16 keeps 8 significant bits: ~4e-3 relative per input).
+    let Some(ctx) = context_for_test("local_attention_reads_bf16_activations") else {
+        return;
+    };
+    let cases = [
+        (2, 192, 64, 64, true, Mask::None),
+        (3, 300, 32, 64, true, Mask::Shared),
+        (2, 200, 128, 48, false, Mask::PerHead),
+        (1, 50, 20, 64, true, Mask::None),
+    ];
+    for (i, &(heads, len, d, chunk, causal, mask_kind)) in cases.iter().enumerate() {
+        let name = format!("bf16 local case {i}");
+        let dims = AttnDims::new(heads, len, d);
+        let mut rng = Rng::new(700 + i as u64);
+        let raw = [0; 4].map(|_| randn(&mut rng, dims.numel(), 1.0));
+        let [q, k, v, g] = [0, 1, 2, 3].map(|j| round_bf16(&raw[j]));
+        let mask = make_mask(mask_kind, dims, &mut rng);
+        let pool = MemoryPool::unlimited();
+        let t = |x: &[f32]| tensor(&pool, dims, x);
+        let cfg = cpu::LocalConfig {
+            chunk_len: chunk,
+            causal,
+        };
+        let (c_out, c_lse) =
+            cpu::local_attention_forward(&t(&q), &t(&k), &t(&v), &cfg, mask.as_deref()).unwrap();
+
+        let [qd, kd, vd, gd] = [&q, &k, &v, &g].map(|x| up_bf16(&ctx, x));
+        let mask_d = mask.as_deref().map(|m| ctx.upload_mask(m).unwrap());
+        let gcfg = GpuLocalConfig {
+            chunk_len: chunk,
+            causal,
+        };
+        let (out, lse) =
+            gpu_attn::local_attention_forward(&ctx, &qd, &kd, &vd, dims, &gcfg, mask_d.as_ref())
+                .unwrap();
+        let out_f32 = down(&ctx, &out);
+        assert_close(&format!("{name} out"), &out_f32, c_out.data());
+        assert_close(&format!("{name} lse"), &down(&ctx, &lse), &c_lse);
+
+        let (out_h, out_vals) = store_bf16(&ctx, &out);
+        let (c_dq, c_dk, c_dv) = cpu::local_attention_backward(
+            &t(&q),
+            &t(&k),
+            &t(&v),
+            &t(&out_vals),
+            &c_lse,
+            &t(&g),
+            &cfg,
+            mask.as_deref(),
+        )
+        .unwrap();
+        let (dq, dk, dv) = gpu_attn::local_attention_backward(
+            &ctx,
+            &qd,
+            &kd,
+            &vd,
+            &out_h,
+            &lse,
+            &gd,
+            dims,
+            &gcfg,
+            mask_d.as_ref(),
+        )
+        .unwrap();
+        assert_close(&format!("{name} dq"), &down(&ctx, &dq), c_dq.data());
+        assert_close(&format!("{name} dk"), &down(&ctx, &dk), c_dk.data());
+        assert_close(&format!("{name} dv"), &down(&ctx, &dv), c_dv.data());
+
+        if i == 0 {
+            let (exact, _) = cpu::local_attention_forward(
+                &t(&raw[0]),
+                &t(&raw[1]),
+                &t(&raw[2]),
+                &cfg,
+                mask.as_deref(),
+            )
             .unwrap();
-    assert_close(
-        "bf16 storage vs cpu on rounded inputs",
-        &out,
-        rounded.data(),
+            let tol = Tolerance::scaled(5e-2, 2e-2, exact.data());
+            let r = check_close("bf16 storage vs f32 cpu", &out_f32, exact.data(), tol)
+                .unwrap_or_else(|e| panic!("{e}"));
+            eprintln!(
+                "bf16 storage: worst {:.3} of the bf16 tolerance",
+                r.worst_ratio
+            );
+        }
+    }
+}
+
+#[test]
+fn exact_shared_qk_attention_reads_bf16_activations() {
+    // qk, v, out and d_out in bf16.
+    let Some(ctx) = context_for_test("exact_shared_qk_attention_reads_bf16_activations") else {
+        return;
+    };
+    for (i, &(causal, mask_kind)) in [(true, Mask::None), (false, Mask::PerHead)]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("bf16 shared-qk case {i}");
+        let dims = AttnDims::new(2, 150, 64);
+        let mut rng = Rng::new(800 + i as u64);
+        let [qk, v, g] = [0; 3].map(|_| round_bf16(&randn(&mut rng, dims.numel(), 1.0)));
+        let mask = make_mask(mask_kind, dims, &mut rng);
+        let pool = MemoryPool::unlimited();
+        let t = |x: &[f32]| tensor(&pool, dims, x);
+        let qk_t = t(&qk);
+        let keys = cpu::unit_keys(&qk_t).unwrap();
+        let rule = cpu::shared_qk_rule(causal);
+        let (c_out, c_lse) =
+            cpu::exact_attention_forward(&qk_t, &keys, &t(&v), rule, mask.as_deref()).unwrap();
+
+        let [qkd, vd, gd] = [&qk, &v, &g].map(|x| up_bf16(&ctx, x));
+        let mask_d = mask.as_deref().map(|m| ctx.upload_mask(m).unwrap());
+        let (out, lse) =
+            gpu_attn::exact_shared_qk_forward(&ctx, &qkd, &vd, dims, causal, mask_d.as_ref())
+                .unwrap();
+        assert_close(&format!("{name} out"), &down(&ctx, &out), c_out.data());
+        assert_close(&format!("{name} lse"), &down(&ctx, &lse), &c_lse);
+
+        let (out_h, out_vals) = store_bf16(&ctx, &out);
+        let (c_dq, c_dk, c_dv) = cpu::exact_attention_backward(
+            &qk_t,
+            &keys,
+            &t(&v),
+            &t(&out_vals),
+            &c_lse,
+            &t(&g),
+            rule,
+            mask.as_deref(),
+        )
+        .unwrap();
+        let c_dqk = cpu::shared_qk_grad(&qk_t, c_dq, &c_dk);
+        let (dqk, dv) = gpu_attn::exact_shared_qk_backward(
+            &ctx,
+            &qkd,
+            &vd,
+            &out_h,
+            &lse,
+            &gd,
+            dims,
+            causal,
+            mask_d.as_ref(),
+        )
+        .unwrap();
+        assert_close(&format!("{name} d_qk"), &down(&ctx, &dqk), c_dqk.data());
+        assert_close(&format!("{name} d_v"), &down(&ctx, &dv), c_dv.data());
+    }
+}
+
+#[test]
+fn bf16_hash_and_row_dot_equal_their_f32_runs_bit_for_bit() {
+    // The same values stored as bf16 or as f32 give the same buckets and the same row dots, bit
+    // for bit: the kernels widen on load and run the same f32 arithmetic in the same order.
+    let Some(ctx) = context_for_test("bf16_hash_and_row_dot_equal_their_f32_runs_bit_for_bit")
+    else {
+        return;
+    };
+    let dims = AttnDims::new(3, 257, 64);
+    let mut rng = Rng::new(900);
+    let [x, y] = [0; 2].map(|_| round_bf16(&randn(&mut rng, dims.numel(), 1.0)));
+    let cfg = GpuLshConfig {
+        buckets: LshBuckets::factorised(8, 4),
+        n_rounds: 3,
+        chunk_len: 32,
+        causal: true,
+    };
+    let rot = cpu::Rotations::random(dims.d, 3, cpu::Buckets::Factorised(8, 4), &mut rng).unwrap();
+    let (x16, y16) = (up_bf16(&ctx, &x), up_bf16(&ctx, &y));
+    let (x32, y32) = (ctx.upload(&x).unwrap(), ctx.upload(&y).unwrap());
+    let b16 = gpu_attn::lsh_hash(&ctx, &x16, dims, &rot.data, &cfg).unwrap();
+    let b32 = gpu_attn::lsh_hash(&ctx, &x32, dims, &rot.data, &cfg).unwrap();
+    assert_eq!(
+        ctx.download(&b16).unwrap(),
+        ctx.download(&b32).unwrap(),
+        "buckets of bf16 rows"
     );
 
-    let (exact, _) = cpu::local_attention_forward(&t(&q), &t(&k), &t(&v), &cfg, None).unwrap();
-    let tol = Tolerance::scaled(5e-2, 2e-2, exact.data());
-    let r = check_close("bf16 storage vs f32 cpu", &out, exact.data(), tol)
-        .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!(
-        "bf16 storage: worst {:.3} of the bf16 tolerance",
-        r.worst_ratio
+    let mut d16 = ctx.alloc::<f32>(dims.rows()).unwrap();
+    let mut d32 = ctx.alloc::<f32>(dims.rows()).unwrap();
+    elementwise::row_dot(&ctx, &x16, &y16, &mut d16, dims.rows(), dims.d).unwrap();
+    elementwise::row_dot(&ctx, &x32, &y32, &mut d32, dims.rows(), dims.d).unwrap();
+    let bits = |v: Vec<f32>| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(down(&ctx, &d16)),
+        bits(down(&ctx, &d32)),
+        "row dots of bf16 rows"
     );
 }

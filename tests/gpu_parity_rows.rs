@@ -4,7 +4,8 @@
 //! row counts (grid-stride in both dimensions; many column-sum parts).
 //!
 //! Tolerance: none — every result is compared **bit for bit** with the host twin (the kernels
-//! use explicit round-to-nearest intrinsics and the twins' order of addition). Dropout is also
+//! use explicit round-to-nearest intrinsics and the twins' order of addition); copy2d also with
+//! bf16 source and/or destination (widened on load, rounded to nearest even on store). Dropout is also
 //! compared bit for bit with `reformer_reversible::Dropout::apply`, and the column sums with a
 //! naive f64 sum within `1e-6 · (Σ|x| + |out|)`. Device outputs are NaN-poisoned (all bits set)
 //! before the kernels run, and elements outside a call's extent must keep their poison or
@@ -16,7 +17,7 @@
 use reformer_engine::Rng;
 use reformer_kernels::gpu::ops::rows::{self, column_sum_parts, host, Strided};
 use reformer_kernels::gpu::testing::context_for_test;
-use reformer_kernels::gpu::{DeviceBuffer, GpuContext};
+use reformer_kernels::gpu::{bf16, DeviceBuffer, GpuContext};
 use reformer_kernels::KernelsError;
 use reformer_reversible::{Dropout, Site, StepContext};
 
@@ -142,6 +143,140 @@ fn copy2d_matches_the_host_twin() {
     // Empty extents do nothing.
     rows::copy2d(&ctx, &srcd, ok, &mut dstd, ok, 0, 10, 1.0, false).unwrap();
     rows::copy2d(&ctx, &srcd, ok, &mut dstd, ok, 10, 0, 1.0, false).unwrap();
+}
+
+/// What a poisoned bf16 device buffer holds (all bytes 0xFF).
+const POISON_BF16: u16 = 0xFFFF;
+
+fn assert_bits16(what: &str, got: &[bf16], want: &[bf16]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits(),
+            "{what}[{i}]: got {g} ({:#06x}), host twin {w} ({:#06x})",
+            g.to_bits(),
+            w.to_bits()
+        );
+    }
+}
+
+fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+#[test]
+fn copy2d_with_bf16_storage_matches_the_host_twins() {
+    let Some(ctx) = context_for_test("copy2d_with_bf16_storage_matches_the_host_twins") else {
+        return;
+    };
+    let mut rng = Rng::new(26);
+    // (rows, cols, src offset, src ld, dst offset, dst ld, alpha)
+    let cases: &[(usize, usize, usize, usize, usize, usize, f32)] = &[
+        (1, 1, 0, 1, 0, 1, 1.0),
+        (7, 5, 3, 5, 0, 5, -2.5),
+        (33, 64, 10, 100, 7, 64, 1.0),
+        (1, 40, 5, 0, 2, 0, 3.0),
+        (513, 17, 1, 19, 4, 23, -1.0),
+        (70_000, 300, 11, 301, 5, 300, 0.75),
+    ];
+    // Rounding edge cases, written into the first row of each source: ties to even both ways,
+    // just past a tie, -0, a value that rounds to inf, a subnormal.
+    let specials = [
+        f32::from_bits(0x3F80_8000),
+        f32::from_bits(0x3F81_8000),
+        f32::from_bits(0x3F80_8001),
+        -0.0,
+        f32::MAX,
+        f32::from_bits(0x0000_8001),
+    ];
+    for &(rows, cols, so, sl, d_off, dl, alpha) in cases {
+        let s = Strided::new(so, sl);
+        let d = Strided::new(d_off, dl);
+        let src_len = so + (rows - 1) * sl + cols + 13;
+        let dst_len = d_off + (rows - 1) * dl + cols + 9;
+        let mut src = randn(&mut rng, src_len);
+        for (j, &v) in specials.iter().take(cols).enumerate() {
+            src[so + j] = v;
+        }
+        let src16 = to_bf16(&src);
+        let (srcd, srcd16) = (up(&ctx, &src), ctx.upload(&src16).unwrap());
+        for accumulate in [false, true] {
+            let what = format!("{rows}x{cols} s{s:?} d{d:?} alpha {alpha} acc={accumulate}");
+            // Not accumulating into poisoned buffers; accumulating into random values.
+            let dst0 = randn(&mut rng, dst_len);
+            let (mut dst16, mut dst32, mut want16, mut want32) = if accumulate {
+                let h = to_bf16(&dst0);
+                (ctx.upload(&h).unwrap(), up(&ctx, &dst0), h, dst0)
+            } else {
+                let p16 = ctx.alloc::<bf16>(dst_len).unwrap();
+                assert!(
+                    ctx.download(&p16)
+                        .unwrap()
+                        .iter()
+                        .all(|v| v.to_bits() == POISON_BF16),
+                    "the test context must poison new buffers"
+                );
+                (
+                    p16,
+                    poisoned(&ctx, dst_len),
+                    vec![bf16::from_bits(POISON_BF16); dst_len],
+                    vec![f32::from_bits(POISON); dst_len],
+                )
+            };
+            let mut want16b = want16.clone();
+
+            // f32 -> bf16.
+            rows::copy2d(&ctx, &srcd, s, &mut dst16, d, rows, cols, alpha, accumulate).unwrap();
+            host::copy2d_to_bf16(&src, s, &mut want16, d, rows, cols, alpha, accumulate);
+            assert_bits16(
+                &format!("copy2d f32->bf16 {what}"),
+                &ctx.download(&dst16).unwrap(),
+                &want16,
+            );
+            // bf16 -> f32.
+            rows::copy2d(
+                &ctx, &srcd16, s, &mut dst32, d, rows, cols, alpha, accumulate,
+            )
+            .unwrap();
+            host::copy2d_act(&src16, s, &mut want32, d, rows, cols, alpha, accumulate);
+            assert_bits(
+                &format!("copy2d bf16->f32 {what}"),
+                &down(&ctx, &dst32),
+                &want32,
+            );
+            // bf16 -> bf16, into a fresh copy of the starting destination.
+            let mut dst16b = if accumulate {
+                ctx.upload(&want16b).unwrap()
+            } else {
+                ctx.alloc::<bf16>(dst_len).unwrap()
+            };
+            rows::copy2d(
+                &ctx,
+                &srcd16,
+                s,
+                &mut dst16b,
+                d,
+                rows,
+                cols,
+                alpha,
+                accumulate,
+            )
+            .unwrap();
+            host::copy2d_act(&src16, s, &mut want16b, d, rows, cols, alpha, accumulate);
+            assert_bits16(
+                &format!("copy2d bf16->bf16 {what}"),
+                &ctx.download(&dst16b).unwrap(),
+                &want16b,
+            );
+        }
+    }
+    // Argument errors, before any launch.
+    let srcd = up(&ctx, &randn(&mut rng, 100));
+    let mut dstd = ctx.alloc::<bf16>(50).unwrap();
+    let ok = Strided::new(0, 10);
+    assert!(is_invalid(rows::copy2d(
+        &ctx, &srcd, ok, &mut dstd, ok, 10, 10, 1.0, false
+    )));
 }
 
 #[test]

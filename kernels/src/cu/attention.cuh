@@ -22,6 +22,11 @@
 // The dk/dv pass is the transpose: each warp owns ATTN_QPW_BWD key rows and lane i scores
 // query i of a query tile.
 //
+// Storage: q, k, v and the backward's dout are f32 or bf16 rows (one flag, AttnProblem.act_bf16,
+// for all four), widened to f32 as warp_load_row stages them in shared memory; everything after
+// the load — scores, softmax, sums — is f32, and the outputs (out, lse, dq, dk, dv) are f32.
+// Rows are addressed by element index (act_offset scales by the element size).
+//
 // Head dimension d <= ATTN_MAX_D (the host checks; a larger d makes the kernels return at once).
 // Shared memory is static and below 48 KiB for every pass.
 
@@ -114,9 +119,10 @@ __device__ __forceinline__ void query_norm(const RoundLse& L, int pos, float* z,
 }
 
 struct AttnProblem {
-    const float* q;                // [n, d] query rows by position (this head)
-    const float* k;                // [n, d] key rows by position (raw; normalised on load)
-    const float* v;                // [n, d]
+    const void* q;                 // [n, d] query rows by position (this head), f32 or bf16
+    const void* k;                 // [n, d] key rows by position (raw; normalised on load)
+    const void* v;                 // [n, d]
+    bool act_bf16;                 // q, k, v (and the backward's dout) are bf16, else f32
     const unsigned* perm;          // [n] slot -> position, or null (identity)
     const unsigned char* key_valid;  // [n] 1 = may be attended to, or null (all)
     int n;
@@ -195,17 +201,18 @@ __device__ __forceinline__ int key_position(const AttnProblem& P, long long slot
     return pos;
 }
 
-// Loads row `pos` of `src` into `dst` (d floats) by one warp; zeros when pos < 0. With
-// `unit`, scales the row to unit length and returns 1 / norm (1 otherwise).
-__device__ __forceinline__ float warp_load_row(const float* src, int pos, int d, float* dst,
-                                               bool unit) {
+// Loads row `pos` of `src` ([n, d] rows, bf16 when `bf16`, else f32) into `dst` (d floats,
+// widened) by one warp; zeros when pos < 0. With `unit`, scales the row to unit length and
+// returns 1 / norm (1 otherwise).
+__device__ __forceinline__ float warp_load_row(const void* src, bool bf16, int pos, int d,
+                                               float* dst, bool unit) {
     const int lane = threadIdx.x;
     float vals[ATTN_DPL];
     float ss = 0.0f;
 #pragma unroll
     for (int dd = 0; dd < ATTN_DPL; ++dd) {
         const int c = lane + 32 * dd;
-        vals[dd] = (pos >= 0 && c < d) ? src[(long long)pos * d + c] : 0.0f;
+        vals[dd] = (pos >= 0 && c < d) ? load_act(src, (long long)pos * d + c, bf16) : 0.0f;
         ss += vals[dd] * vals[dd];
     }
     float inv = 1.0f;
@@ -267,7 +274,7 @@ __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q
 
     for (int r = warp; r < ATTN_ROWS_FWD; r += ATTN_WARPS) {
         const int pos = r < q_count ? slot_position(P, q_begin + r) : -1;
-        warp_load_row(P.q, pos, d, sq[r], false);
+        warp_load_row(P.q, P.act_bf16, pos, d, sq[r], false);
         if (lane == 0) {
             sqpos[r] = pos;
         }
@@ -293,8 +300,8 @@ __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q
             __syncthreads();  // the previous tile is consumed
             for (int j = warp; j < ATTN_TILE; j += ATTN_WARPS) {
                 const int kp = j < t_count ? key_position(P, t0 + j) : -1;
-                warp_load_row(P.k, kp, d, sk[j], P.unit_keys);
-                warp_load_row(P.v, kp, d, sv[j], false);
+                warp_load_row(P.k, P.act_bf16, kp, d, sk[j], P.unit_keys);
+                warp_load_row(P.v, P.act_bf16, kp, d, sv[j], false);
                 if (lane == 0) {
                     skpos[j] = kp;
                 }
@@ -388,10 +395,11 @@ __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q
 // the key slots of `keys`. With p = w exp(s - z) (z, w from query_norm: the probability of the
 // pair within the softmax over *every* (round, key) pair the query saw), delta = dO . O:
 //   dq += sum_j p (dO . v_j - delta) * scale * k_j      (k_j unit when unit_keys)
-// Added into dq at the query's position (each position owned by one block per launch).
+// Added into dq at the query's position (each position owned by one block per launch). `dout`
+// holds this head's [n, d] rows by position, stored as q, k, v are (P.act_bf16).
 // ---------------------------------------------------------------------------------------------
 __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, int q_count,
-                                      const SlotRanges& keys, const float* dout,
+                                      const SlotRanges& keys, const void* dout,
                                       const RoundLse& L, const float* delta, float* dq) {
     if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
         return;  // a launch this code was not written for (uniform over the block)
@@ -409,8 +417,8 @@ __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, i
 
     for (int r = warp; r < ATTN_ROWS_BWD; r += ATTN_WARPS) {
         const int pos = r < q_count ? slot_position(P, q_begin + r) : -1;
-        warp_load_row(P.q, pos, d, sq[r], false);
-        warp_load_row(dout, pos, d, sdo[r], false);
+        warp_load_row(P.q, P.act_bf16, pos, d, sq[r], false);
+        warp_load_row(dout, P.act_bf16, pos, d, sdo[r], false);
         if (lane == 0) {
             sqpos[r] = pos;
         }
@@ -442,8 +450,8 @@ __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, i
             __syncthreads();
             for (int j = warp; j < ATTN_TILE; j += ATTN_WARPS) {
                 const int kp = j < t_count ? key_position(P, t0 + j) : -1;
-                warp_load_row(P.k, kp, d, sk[j], P.unit_keys);
-                warp_load_row(P.v, kp, d, sv[j], false);
+                warp_load_row(P.k, P.act_bf16, kp, d, sk[j], P.unit_keys);
+                warp_load_row(P.v, P.act_bf16, kp, d, sv[j], false);
                 if (lane == 0) {
                     skpos[j] = kp;
                 }
@@ -509,13 +517,14 @@ __device__ void attn_backward_dq_rows(const AttnProblem& P, long long q_begin, i
 //   dk_j += sum_i p_ij (dO_i . v_j - delta_i) * scale * q_i      (gradient w.r.t. the key used)
 // With unit_keys, dk is taken back through the normalisation before it is added:
 //   d(raw key) = (dk - k (k . dk)) / norm.
+// `dout` is stored as in the dq pass (P.act_bf16).
 // Deterministic: each key position is owned by one block per launch, which sums its queries in
 // a fixed order. No floating-point atomics: the price is that the scores of a (query, key) tile
 // are computed twice (here and in the dq pass) — cheaper than contended atomics on dk/dv and
 // it keeps training runs bit-reproducible.
 // ---------------------------------------------------------------------------------------------
 __device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin, int k_count,
-                                        const SlotRanges& queries, const float* dout,
+                                        const SlotRanges& queries, const void* dout,
                                         const RoundLse& L, const float* delta, float* dk,
                                         float* dv) {
     if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
@@ -538,8 +547,8 @@ __device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin,
 
     for (int r = warp; r < ATTN_ROWS_BWD; r += ATTN_WARPS) {
         const int kp = r < k_count ? key_position(P, k_begin + r) : -1;
-        const float inv = warp_load_row(P.k, kp, d, skey[r], P.unit_keys);
-        warp_load_row(P.v, kp, d, sval[r], false);
+        const float inv = warp_load_row(P.k, P.act_bf16, kp, d, skey[r], P.unit_keys);
+        warp_load_row(P.v, P.act_bf16, kp, d, sval[r], false);
         if (lane == 0) {
             skpos[r] = kp;
             skinv[r] = inv;
@@ -564,8 +573,8 @@ __device__ void attn_backward_dkdv_rows(const AttnProblem& P, long long k_begin,
             __syncthreads();  // the previous tile is consumed
             for (int i = warp; i < ATTN_TILE; i += ATTN_WARPS) {
                 const int qp = i < t_count ? slot_position(P, t0 + i) : -1;
-                warp_load_row(P.q, qp, d, sq[i], false);
-                warp_load_row(dout, qp, d, sdo[i], false);
+                warp_load_row(P.q, P.act_bf16, qp, d, sq[i], false);
+                warp_load_row(dout, P.act_bf16, qp, d, sdo[i], false);
                 if (lane == 0) {
                     float zq = -INFINITY;
                     float wq = 0.0f;

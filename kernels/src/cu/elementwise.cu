@@ -50,18 +50,19 @@ extern "C" __global__ void ew_bf16_to_f32(const __nv_bfloat16* x, float* y, long
 }
 
 // out[r] = sum_c a[r, c] * b[r, c] for `rows` rows of `cols` (the `delta = dO . O` of the
-// attention backward passes). One warp per row: block (32, W), grid ceil(rows / W).
-extern "C" __global__ void ew_row_dot(const float* a, const float* b, float* out, long long rows,
-                                      int cols) {
+// attention backward passes). a and b are bf16 when act_bf16 != 0, else f32; the products and
+// the sum are f32 either way, out is f32. One warp per row: block (32, W), grid ceil(rows / W).
+extern "C" __global__ void ew_row_dot(const void* a, const void* b, float* out, long long rows,
+                                      int cols, int act_bf16) {
     const long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y;
     if (r >= rows) {
         return;
     }
-    const float* ar = a + r * cols;
-    const float* br = b + r * cols;
+    const void* ar = act_offset(a, r * cols, act_bf16);
+    const void* br = act_offset(b, r * cols, act_bf16);
     float s = 0.0f;
     for (int c = threadIdx.x; c < cols; c += 32) {
-        s += ar[c] * br[c];
+        s += load_act(ar, c, act_bf16) * load_act(br, c, act_bf16);
     }
     s = warp_sum(s);
     if (threadIdx.x == 0) {

@@ -6,7 +6,9 @@
 //     self_penalty = 1, unit_keys = 1, and dq = dk = dqk in the backward.
 //
 // Layouts: q, k, v, out, dout, dq, dk, dv [n_heads, n, d]; lse, delta [n_heads, n];
-// key_valid null, [n] (valid_per_head = 0) or [n_heads, n] (valid_per_head = 1).
+// key_valid null, [n] (valid_per_head = 0) or [n_heads, n] (valid_per_head = 1). Storage: q, k, v
+// and dout are bf16 when act_bf16 != 0, else f32 (widened on load, attention.cuh); out, lse,
+// delta, dq, dk, dv are always f32.
 // Launch: block (32, ATTN_WARPS); grid (ceil(n / ROWS), n_heads), ROWS = ATTN_ROWS_FWD for the
 // forward, ATTN_ROWS_BWD for both backward passes.
 //
@@ -16,17 +18,18 @@
 // it), not from f32 atomics, for bit-reproducible runs. When dq and dk are the same buffer the
 // two launches must run in order on one stream (they do when issued on one stream).
 
-__device__ __forceinline__ AttnProblem exact_problem(const float* q, const float* k,
-                                                     const float* v,
+__device__ __forceinline__ AttnProblem exact_problem(const void* q, const void* k,
+                                                     const void* v, int act_bf16,
                                                      const unsigned char* key_valid,
                                                      int valid_per_head, int h, int n, int d,
                                                      int causal, int self_penalty, int unit_keys,
                                                      float scale) {
     AttnProblem P;
     const long long rows = (long long)h * n * d;
-    P.q = q + rows;
-    P.k = k + rows;
-    P.v = v + rows;
+    P.q = act_offset(q, rows, act_bf16);
+    P.k = act_offset(k, rows, act_bf16);
+    P.v = act_offset(v, rows, act_bf16);
+    P.act_bf16 = act_bf16 != 0;
     P.perm = nullptr;
     P.key_valid = key_valid == nullptr ? nullptr
                                        : key_valid + (valid_per_head ? (long long)h * n : 0);
@@ -39,17 +42,17 @@ __device__ __forceinline__ AttnProblem exact_problem(const float* q, const float
     return P;
 }
 
-extern "C" __global__ void exact_attn_fwd(const float* q, const float* k, const float* v,
+extern "C" __global__ void exact_attn_fwd(const void* q, const void* k, const void* v,
                                           const unsigned char* key_valid, int valid_per_head,
                                           float* out, float* lse, int n_heads, int n, int d,
                                           int causal, int self_penalty, int unit_keys,
-                                          float scale) {
+                                          float scale, int act_bf16) {
     const int h = blockIdx.y;
     if (d > ATTN_MAX_D || h >= n_heads) {
         return;
     }
-    const AttnProblem P = exact_problem(q, k, v, key_valid, valid_per_head, h, n, d, causal,
-                                        self_penalty, unit_keys, scale);
+    const AttnProblem P = exact_problem(q, k, v, act_bf16, key_valid, valid_per_head, h, n, d,
+                                        causal, self_penalty, unit_keys, scale);
     const long long q_begin = (long long)blockIdx.x * ATTN_ROWS_FWD;
     if (q_begin >= n) {
         return;
@@ -61,18 +64,18 @@ extern "C" __global__ void exact_attn_fwd(const float* q, const float* k, const 
                       lse + head_rows, 0, 0, false);
 }
 
-extern "C" __global__ void exact_attn_bwd_dq(const float* q, const float* k, const float* v,
+extern "C" __global__ void exact_attn_bwd_dq(const void* q, const void* k, const void* v,
                                              const unsigned char* key_valid, int valid_per_head,
-                                             const float* dout, const float* lse,
+                                             const void* dout, const float* lse,
                                              const float* delta, float* dq, int n_heads, int n,
                                              int d, int causal, int self_penalty, int unit_keys,
-                                             float scale) {
+                                             float scale, int act_bf16) {
     const int h = blockIdx.y;
     if (d > ATTN_MAX_D || h >= n_heads) {
         return;
     }
-    const AttnProblem P = exact_problem(q, k, v, key_valid, valid_per_head, h, n, d, causal,
-                                        self_penalty, unit_keys, scale);
+    const AttnProblem P = exact_problem(q, k, v, act_bf16, key_valid, valid_per_head, h, n, d,
+                                        causal, self_penalty, unit_keys, scale);
     const long long q_begin = (long long)blockIdx.x * ATTN_ROWS_BWD;
     if (q_begin >= n) {
         return;
@@ -80,23 +83,25 @@ extern "C" __global__ void exact_attn_bwd_dq(const float* q, const float* k, con
     const int q_count = (int)min((long long)ATTN_ROWS_BWD, (long long)n - q_begin);
     const long long k_end = causal ? min((long long)n, q_begin + q_count) : (long long)n;
     const long long head_rows = (long long)h * n;
-    attn_backward_dq_rows(P, q_begin, q_count, one_range(0, k_end), dout + head_rows * d,
+    attn_backward_dq_rows(P, q_begin, q_count, one_range(0, k_end),
+                          act_offset(dout, head_rows * d, act_bf16),
                           single_round_lse(lse + head_rows), delta + head_rows,
                           dq + head_rows * d);
 }
 
-extern "C" __global__ void exact_attn_bwd_dkdv(const float* q, const float* k, const float* v,
+extern "C" __global__ void exact_attn_bwd_dkdv(const void* q, const void* k, const void* v,
                                                const unsigned char* key_valid,
-                                               int valid_per_head, const float* dout,
+                                               int valid_per_head, const void* dout,
                                                const float* lse, const float* delta, float* dk,
                                                float* dv, int n_heads, int n, int d, int causal,
-                                               int self_penalty, int unit_keys, float scale) {
+                                               int self_penalty, int unit_keys, float scale,
+                                               int act_bf16) {
     const int h = blockIdx.y;
     if (d > ATTN_MAX_D || h >= n_heads) {
         return;
     }
-    const AttnProblem P = exact_problem(q, k, v, key_valid, valid_per_head, h, n, d, causal,
-                                        self_penalty, unit_keys, scale);
+    const AttnProblem P = exact_problem(q, k, v, act_bf16, key_valid, valid_per_head, h, n, d,
+                                        causal, self_penalty, unit_keys, scale);
     const long long k_begin = (long long)blockIdx.x * ATTN_ROWS_BWD;
     if (k_begin >= n) {
         return;
@@ -104,7 +109,8 @@ extern "C" __global__ void exact_attn_bwd_dkdv(const float* q, const float* k, c
     const int k_count = (int)min((long long)ATTN_ROWS_BWD, (long long)n - k_begin);
     const long long q_first = causal ? k_begin : 0;
     const long long head_rows = (long long)h * n;
-    attn_backward_dkdv_rows(P, k_begin, k_count, one_range(q_first, n), dout + head_rows * d,
+    attn_backward_dkdv_rows(P, k_begin, k_count, one_range(q_first, n),
+                            act_offset(dout, head_rows * d, act_bf16),
                             single_round_lse(lse + head_rows), delta + head_rows,
                             dk + head_rows * d, dv + head_rows * d);
 }

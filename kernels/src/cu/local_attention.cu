@@ -5,7 +5,9 @@
 // and padding keys (key_valid == 0, positions past n) excluded. No self penalty.
 //
 // Layouts: q, k, v, out, dout, dq, dk, dv [n_heads, n, d]; lse, delta [n_heads, n];
-// key_valid null, [n] (valid_per_head = 0) or [n_heads, n] (valid_per_head = 1).
+// key_valid null, [n] (valid_per_head = 0) or [n_heads, n] (valid_per_head = 1). Storage: q, k, v
+// and dout are bf16 when act_bf16 != 0, else f32 (widened on load, attention.cuh); out, lse,
+// delta, dq, dk, dv are always f32.
 // Launch: block (32, ATTN_WARPS); grid (n_chunks * ceil(chunk / ROWS), n_heads) with
 // ROWS = ATTN_ROWS_FWD for the forward, ATTN_ROWS_BWD for both backward passes.
 //
@@ -25,16 +27,17 @@ __device__ __forceinline__ SlotRanges local_chunk_ranges(const ChunkBlock& b, in
     return two_ranges(own, own + chunk, other * chunk, other * chunk + chunk);
 }
 
-__device__ __forceinline__ AttnProblem local_problem(const float* q, const float* k,
-                                                     const float* v,
+__device__ __forceinline__ AttnProblem local_problem(const void* q, const void* k,
+                                                     const void* v, int act_bf16,
                                                      const unsigned char* key_valid,
                                                      int valid_per_head, int h, int n, int d,
                                                      int causal, float scale) {
     AttnProblem P;
     const long long rows = (long long)h * n * d;
-    P.q = q + rows;
-    P.k = k + rows;
-    P.v = v + rows;
+    P.q = act_offset(q, rows, act_bf16);
+    P.k = act_offset(k, rows, act_bf16);
+    P.v = act_offset(v, rows, act_bf16);
+    P.act_bf16 = act_bf16 != 0;
     P.perm = nullptr;
     P.key_valid = key_valid == nullptr ? nullptr
                                        : key_valid + (valid_per_head ? (long long)h * n : 0);
@@ -47,10 +50,10 @@ __device__ __forceinline__ AttnProblem local_problem(const float* q, const float
     return P;
 }
 
-extern "C" __global__ void local_attn_fwd(const float* q, const float* k, const float* v,
+extern "C" __global__ void local_attn_fwd(const void* q, const void* k, const void* v,
                                           const unsigned char* key_valid, int valid_per_head,
                                           float* out, float* lse, int n_heads, int n, int d,
-                                          int chunk, int causal, float scale) {
+                                          int chunk, int causal, float scale, int act_bf16) {
     if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads) {
         return;
     }
@@ -59,17 +62,18 @@ extern "C" __global__ void local_attn_fwd(const float* q, const float* k, const 
         return;  // only padding slots (chunk > n)
     }
     const AttnProblem P =
-        local_problem(q, k, v, key_valid, valid_per_head, b.head, n, d, causal, scale);
+        local_problem(q, k, v, act_bf16, key_valid, valid_per_head, b.head, n, d, causal, scale);
     const long long head_rows = (long long)b.head * n;
     attn_forward_rows(P, b.row_begin, b.row_count, local_chunk_ranges(b, chunk, -1),
                       out + head_rows * d, lse + head_rows, 0, 0, false);
 }
 
-extern "C" __global__ void local_attn_bwd_dq(const float* q, const float* k, const float* v,
+extern "C" __global__ void local_attn_bwd_dq(const void* q, const void* k, const void* v,
                                              const unsigned char* key_valid, int valid_per_head,
-                                             const float* dout, const float* lse,
+                                             const void* dout, const float* lse,
                                              const float* delta, float* dq, int n_heads, int n,
-                                             int d, int chunk, int causal, float scale) {
+                                             int d, int chunk, int causal, float scale,
+                                             int act_bf16) {
     if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads) {
         return;
     }
@@ -78,19 +82,20 @@ extern "C" __global__ void local_attn_bwd_dq(const float* q, const float* k, con
         return;  // only padding slots (chunk > n)
     }
     const AttnProblem P =
-        local_problem(q, k, v, key_valid, valid_per_head, b.head, n, d, causal, scale);
+        local_problem(q, k, v, act_bf16, key_valid, valid_per_head, b.head, n, d, causal, scale);
     const long long head_rows = (long long)b.head * n;
     attn_backward_dq_rows(P, b.row_begin, b.row_count, local_chunk_ranges(b, chunk, -1),
-                          dout + head_rows * d, single_round_lse(lse + head_rows),
+                          act_offset(dout, head_rows * d, act_bf16),
+                          single_round_lse(lse + head_rows),
                           delta + head_rows, dq + head_rows * d);
 }
 
-extern "C" __global__ void local_attn_bwd_dkdv(const float* q, const float* k, const float* v,
+extern "C" __global__ void local_attn_bwd_dkdv(const void* q, const void* k, const void* v,
                                                const unsigned char* key_valid,
-                                               int valid_per_head, const float* dout,
+                                               int valid_per_head, const void* dout,
                                                const float* lse, const float* delta, float* dk,
                                                float* dv, int n_heads, int n, int d, int chunk,
-                                               int causal, float scale) {
+                                               int causal, float scale, int act_bf16) {
     if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads) {
         return;
     }
@@ -99,9 +104,10 @@ extern "C" __global__ void local_attn_bwd_dkdv(const float* q, const float* k, c
         return;  // only padding slots (chunk > n)
     }
     const AttnProblem P =
-        local_problem(q, k, v, key_valid, valid_per_head, b.head, n, d, causal, scale);
+        local_problem(q, k, v, act_bf16, key_valid, valid_per_head, b.head, n, d, causal, scale);
     const long long head_rows = (long long)b.head * n;
     attn_backward_dkdv_rows(P, b.row_begin, b.row_count, local_chunk_ranges(b, chunk, +1),
-                            dout + head_rows * d, single_round_lse(lse + head_rows),
+                            act_offset(dout, head_rows * d, act_bf16),
+                            single_round_lse(lse + head_rows),
                             delta + head_rows, dk + head_rows * d, dv + head_rows * d);
 }

@@ -12,7 +12,8 @@
 // Layouts: qk, v, out, dout, dqk, dv [n_heads, n, d] by original position; lse
 // [n_heads, n_rounds, n] (every round's logsumexp z_r, as the CPU reference keeps them); delta
 // [n_heads, n]; perm [n_heads, n_rounds, n]; key_valid null, [n] (valid_per_head = 0) or
-// [n_heads, n] (valid_per_head = 1).
+// [n_heads, n] (valid_per_head = 1). Storage: qk, v and dout are bf16 when act_bf16 != 0, else
+// f32 (widened on load, attention.cuh); out, lse, delta, dqk, dv are always f32.
 //
 // Launch (every kernel but the combine): block (32, ATTN_WARPS);
 // grid (n_chunks * ceil(chunk / ROWS), n_heads) with ROWS = ATTN_ROWS_FWD for the forward and
@@ -52,16 +53,17 @@ __device__ __forceinline__ SlotRanges lsh_chunk_ranges(const ChunkBlock& b, int 
     return two_ranges(own, own + chunk, other * chunk, other * chunk + chunk);
 }
 
-__device__ __forceinline__ AttnProblem lsh_problem(const float* qk, const float* v,
+__device__ __forceinline__ AttnProblem lsh_problem(const void* qk, const void* v, int act_bf16,
                                                    const unsigned* perm,
                                                    const unsigned char* key_valid,
                                                    int valid_per_head, int h, int n_rounds,
                                                    int round, int n, int d, int causal) {
     AttnProblem P;
     const long long rows = (long long)h * n * d;
-    P.q = qk + rows;
-    P.k = qk + rows;
-    P.v = v + rows;
+    P.q = act_offset(qk, rows, act_bf16);
+    P.k = P.q;
+    P.v = act_offset(v, rows, act_bf16);
+    P.act_bf16 = act_bf16 != 0;
     P.perm = perm + ((long long)h * n_rounds + round) * n;
     P.key_valid = key_valid == nullptr ? nullptr
                                        : key_valid + (valid_per_head ? (long long)h * n : 0);
@@ -85,11 +87,11 @@ __device__ __forceinline__ RoundLse lsh_round_lse(const float* lse, int h, int n
     return L;
 }
 
-extern "C" __global__ void lsh_attn_fwd(const float* qk, const float* v, const unsigned* perm,
+extern "C" __global__ void lsh_attn_fwd(const void* qk, const void* v, const unsigned* perm,
                                         const unsigned char* key_valid, int valid_per_head,
                                         float* out, float* lse, int n_heads, int n_rounds,
-                                        int round, int n, int d, int chunk, int causal,
-                                        int fold) {
+                                        int round, int n, int d, int chunk, int causal, int fold,
+                                        int act_bf16) {
     if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads || round < 0 ||
         round >= n_rounds) {
         return;
@@ -99,7 +101,8 @@ extern "C" __global__ void lsh_attn_fwd(const float* qk, const float* v, const u
         return;  // only padding slots (chunk > n)
     }
     const AttnProblem P =
-        lsh_problem(qk, v, perm, key_valid, valid_per_head, b.head, n_rounds, round, n, d, causal);
+        lsh_problem(qk, v, act_bf16, perm, key_valid, valid_per_head, b.head, n_rounds, round, n,
+                    d, causal);
     attn_forward_rows(P, b.row_begin, b.row_count, lsh_chunk_ranges(b, chunk, -1),
                       out + (long long)b.head * n * d, lse + (long long)b.head * n_rounds * n,
                       (long long)n, round, fold != 0);
@@ -136,12 +139,12 @@ extern "C" __global__ void lsh_attn_combine(float* out, const float* out_r, cons
     }
 }
 
-extern "C" __global__ void lsh_attn_bwd_dq(const float* qk, const float* v, const unsigned* perm,
+extern "C" __global__ void lsh_attn_bwd_dq(const void* qk, const void* v, const unsigned* perm,
                                            const unsigned char* key_valid, int valid_per_head,
-                                           const float* dout, const float* lse,
+                                           const void* dout, const float* lse,
                                            const float* delta, float* dqk, int n_heads,
                                            int n_rounds, int round, int n, int d, int chunk,
-                                           int causal) {
+                                           int causal, int act_bf16) {
     if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads || round < 0 ||
         round >= n_rounds) {
         return;
@@ -151,19 +154,21 @@ extern "C" __global__ void lsh_attn_bwd_dq(const float* qk, const float* v, cons
         return;  // only padding slots (chunk > n)
     }
     const AttnProblem P =
-        lsh_problem(qk, v, perm, key_valid, valid_per_head, b.head, n_rounds, round, n, d, causal);
+        lsh_problem(qk, v, act_bf16, perm, key_valid, valid_per_head, b.head, n_rounds, round, n,
+                    d, causal);
     const long long head_rows = (long long)b.head * n;
     attn_backward_dq_rows(P, b.row_begin, b.row_count, lsh_chunk_ranges(b, chunk, -1),
-                          dout + head_rows * d, lsh_round_lse(lse, b.head, n_rounds, round, n),
+                          act_offset(dout, head_rows * d, act_bf16),
+                          lsh_round_lse(lse, b.head, n_rounds, round, n),
                           delta + head_rows, dqk + head_rows * d);
 }
 
-extern "C" __global__ void lsh_attn_bwd_dkdv(const float* qk, const float* v,
+extern "C" __global__ void lsh_attn_bwd_dkdv(const void* qk, const void* v,
                                              const unsigned* perm, const unsigned char* key_valid,
-                                             int valid_per_head, const float* dout,
+                                             int valid_per_head, const void* dout,
                                              const float* lse, const float* delta, float* dqk,
                                              float* dv, int n_heads, int n_rounds, int round,
-                                             int n, int d, int chunk, int causal) {
+                                             int n, int d, int chunk, int causal, int act_bf16) {
     if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads || round < 0 ||
         round >= n_rounds) {
         return;
@@ -173,9 +178,11 @@ extern "C" __global__ void lsh_attn_bwd_dkdv(const float* qk, const float* v,
         return;  // only padding slots (chunk > n)
     }
     const AttnProblem P =
-        lsh_problem(qk, v, perm, key_valid, valid_per_head, b.head, n_rounds, round, n, d, causal);
+        lsh_problem(qk, v, act_bf16, perm, key_valid, valid_per_head, b.head, n_rounds, round, n,
+                    d, causal);
     const long long head_rows = (long long)b.head * n;
     attn_backward_dkdv_rows(P, b.row_begin, b.row_count, lsh_chunk_ranges(b, chunk, +1),
-                            dout + head_rows * d, lsh_round_lse(lse, b.head, n_rounds, round, n),
+                            act_offset(dout, head_rows * d, act_bf16),
+                            lsh_round_lse(lse, b.head, n_rounds, round, n),
                             delta + head_rows, dqk + head_rows * d, dv + head_rows * d);
 }

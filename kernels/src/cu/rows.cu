@@ -11,18 +11,21 @@
 
 // dst[d_off + r*d_ld + c] = (accumulate ? dst[..] + alpha*src[..] : alpha*src[..]) for
 // r < rows, c < cols, src element at s_off + r*s_ld + c. src and dst must not overlap.
-extern "C" __global__ void rows_copy2d(const float* src, long long s_off, long long s_ld,
-                                       float* dst, long long d_off, long long d_ld,
+// src is bf16 when src_bf16 != 0, dst when dst_bf16 != 0 (else f32; offsets and leading
+// dimensions are in elements either way). The arithmetic is f32 on widened values; a bf16 dst
+// stores the f32 result rounded to nearest even (float_to_bf16_bits, as the host twin).
+extern "C" __global__ void rows_copy2d(const void* src, long long s_off, long long s_ld,
+                                       void* dst, long long d_off, long long d_ld,
                                        long long rows, long long cols, float alpha,
-                                       int accumulate) {
+                                       int accumulate, int src_bf16, int dst_bf16) {
     for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < rows;
          r += (long long)blockDim.y * gridDim.y) {
-        const float* s = src + s_off + r * s_ld;
-        float* d = dst + d_off + r * d_ld;
+        const void* s = act_offset(src, s_off + r * s_ld, src_bf16);
+        void* d = act_offset_mut(dst, d_off + r * d_ld, dst_bf16);
         for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < cols;
              c += (long long)blockDim.x * gridDim.x) {
-            const float v = __fmul_rn(alpha, s[c]);
-            d[c] = accumulate ? __fadd_rn(d[c], v) : v;
+            const float v = __fmul_rn(alpha, load_act(s, c, src_bf16));
+            store_act(d, c, dst_bf16, accumulate ? __fadd_rn(load_act(d, c, dst_bf16), v) : v);
         }
     }
 }

@@ -13,6 +13,11 @@
 //! to (see [`GpuContext::upload_mask`]). Outputs are allocated from the context's pool; the
 //! backward passes recompute scores from the stored logsumexps and never hold an `N × N` or
 //! `N × 2m × rounds` tensor.
+//!
+//! Storage: the activations every function reads — `q`, `k`, `v`, `qk`, and in the backward
+//! `out` and `d_out` — are `DeviceBuffer<T>` with `T` f32 or bf16 ([`ActElem`]; one `T` per
+//! call). The kernels widen them to f32 on load and compute in f32; every result (outputs,
+//! logsumexps, gradients) is f32. Calls on f32 buffers infer `T = f32`.
 
 use crate::error::KernelsError;
 use crate::gpu::launch::{invalid, mul};
@@ -20,7 +25,7 @@ use crate::gpu::ops::exact_attention::{self as exact, ExactLaunch};
 use crate::gpu::ops::local_attention::{self as local, LocalLaunch, QkvInputs, Upstream};
 use crate::gpu::ops::lsh_attention::{self as lsh, LshInputs, LshLaunch, LshUpstream};
 use crate::gpu::ops::{bucket_sort, elementwise, lsh_hash as hash};
-use crate::gpu::{DeviceBuffer, GpuContext};
+use crate::gpu::{ActElem, DeviceBuffer, GpuContext};
 
 pub use crate::gpu::ops::exact_attention::ExactRule;
 pub use crate::gpu::ops::AttnDims;
@@ -109,9 +114,9 @@ impl GpuLshSaved {
 
 /// Buckets `[heads, n_rounds, len]` of the raw `qk` rows under `rotations`
 /// (`[n_rounds, d, rotation_cols]`, shared by every head, as the CPU's `Rotations::data`).
-pub fn lsh_hash(
+pub fn lsh_hash<T: ActElem>(
     ctx: &GpuContext,
-    qk: &DeviceBuffer<f32>,
+    qk: &DeviceBuffer<T>,
     dims: AttnDims,
     rotations: &[f32],
     cfg: &GpuLshConfig,
@@ -180,10 +185,10 @@ pub fn lsh_sort(
 
 /// LSH attention forward: hashes `qk` with `rotations`, sorts, attends. Returns the output
 /// `[heads, len, d]` and what the backward needs.
-pub fn lsh_attention_forward(
+pub fn lsh_attention_forward<T: ActElem>(
     ctx: &GpuContext,
-    qk: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
+    qk: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
     dims: AttnDims,
     rotations: &[f32],
     cfg: &GpuLshConfig,
@@ -195,10 +200,10 @@ pub fn lsh_attention_forward(
 
 /// LSH attention forward from given buckets `[heads, n_rounds, len]` (kept from an earlier
 /// pass, or computed elsewhere — e.g. by the CPU, for parity tests).
-pub fn lsh_attention_forward_with_buckets(
+pub fn lsh_attention_forward_with_buckets<T: ActElem>(
     ctx: &GpuContext,
-    qk: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
+    qk: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
     dims: AttnDims,
     buckets: DeviceBuffer<u32>,
     cfg: &GpuLshConfig,
@@ -236,12 +241,12 @@ pub fn lsh_attention_forward_with_buckets(
 /// `saved`, returns `(d_qk, d_v)`. Re-sorts the saved buckets (as the CPU does) and recomputes
 /// scores round by round.
 #[allow(clippy::too_many_arguments)]
-pub fn lsh_attention_backward(
+pub fn lsh_attention_backward<T: ActElem>(
     ctx: &GpuContext,
-    qk: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
-    out: &DeviceBuffer<f32>,
-    d_out: &DeviceBuffer<f32>,
+    qk: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    out: &DeviceBuffer<T>,
+    d_out: &DeviceBuffer<T>,
     saved: &GpuLshSaved,
     cfg: &GpuLshConfig,
     key_mask: Option<&DeviceBuffer<u8>>,
@@ -309,11 +314,11 @@ impl GpuLocalConfig {
 
 /// Local attention forward: output `[heads, len, d]` and logsumexp `[heads, len]`.
 #[allow(clippy::too_many_arguments)]
-pub fn local_attention_forward(
+pub fn local_attention_forward<T: ActElem>(
     ctx: &GpuContext,
-    q: &DeviceBuffer<f32>,
-    k: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
     dims: AttnDims,
     cfg: &GpuLocalConfig,
     key_mask: Option<&DeviceBuffer<u8>>,
@@ -337,14 +342,14 @@ pub type QkvGrads = (DeviceBuffer<f32>, DeviceBuffer<f32>, DeviceBuffer<f32>);
 
 /// Local attention backward: `(dq, dk, dv)`.
 #[allow(clippy::too_many_arguments)]
-pub fn local_attention_backward(
+pub fn local_attention_backward<T: ActElem>(
     ctx: &GpuContext,
-    q: &DeviceBuffer<f32>,
-    k: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
-    out: &DeviceBuffer<f32>,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    out: &DeviceBuffer<T>,
     lse: &DeviceBuffer<f32>,
-    d_out: &DeviceBuffer<f32>,
+    d_out: &DeviceBuffer<T>,
     dims: AttnDims,
     cfg: &GpuLocalConfig,
     key_mask: Option<&DeviceBuffer<u8>>,
@@ -378,11 +383,11 @@ pub fn local_attention_backward(
 /// Exact attention forward: output `[heads, len, d]` and logsumexp `[heads, len]`. With
 /// [`ExactRule::shared_qk`], pass `qk` as both `q` and `k` (keys are normalised on load).
 #[allow(clippy::too_many_arguments)]
-pub fn exact_attention_forward(
+pub fn exact_attention_forward<T: ActElem>(
     ctx: &GpuContext,
-    q: &DeviceBuffer<f32>,
-    k: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
     dims: AttnDims,
     rule: ExactRule,
     key_mask: Option<&DeviceBuffer<u8>>,
@@ -408,12 +413,12 @@ type SharedOrSeparate = (
     DeviceBuffer<f32>,
 );
 
-fn exact_backward_into(
+fn exact_backward_into<T: ActElem>(
     ctx: &GpuContext,
-    x: QkvInputs<'_>,
-    out: &DeviceBuffer<f32>,
+    x: QkvInputs<'_, T>,
+    out: &DeviceBuffer<T>,
     lse: &DeviceBuffer<f32>,
-    d_out: &DeviceBuffer<f32>,
+    d_out: &DeviceBuffer<T>,
     l: &ExactLaunch,
     shared: bool,
 ) -> Result<SharedOrSeparate, KernelsError> {
@@ -446,14 +451,14 @@ fn exact_backward_into(
 /// Exact attention backward: `(dq, dk, dv)`, `dk` with respect to the raw keys (through the
 /// unit-norm when `rule.unit_keys`).
 #[allow(clippy::too_many_arguments)]
-pub fn exact_attention_backward(
+pub fn exact_attention_backward<T: ActElem>(
     ctx: &GpuContext,
-    q: &DeviceBuffer<f32>,
-    k: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
-    out: &DeviceBuffer<f32>,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    out: &DeviceBuffer<T>,
     lse: &DeviceBuffer<f32>,
-    d_out: &DeviceBuffer<f32>,
+    d_out: &DeviceBuffer<T>,
     dims: AttnDims,
     rule: ExactRule,
     key_mask: Option<&DeviceBuffer<u8>>,
@@ -472,10 +477,10 @@ pub fn exact_attention_backward(
 
 /// Exact shared-QK attention forward (queries `qk`, keys its unit rows, self penalty): what LSH
 /// attention equals with one bucket and one chunk.
-pub fn exact_shared_qk_forward(
+pub fn exact_shared_qk_forward<T: ActElem>(
     ctx: &GpuContext,
-    qk: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
+    qk: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
     dims: AttnDims,
     causal: bool,
     key_mask: Option<&DeviceBuffer<u8>>,
@@ -486,13 +491,13 @@ pub fn exact_shared_qk_forward(
 /// Backward of [`exact_shared_qk_forward`]: `(d_qk, d_v)`, the query and key gradients summed
 /// in one buffer.
 #[allow(clippy::too_many_arguments)]
-pub fn exact_shared_qk_backward(
+pub fn exact_shared_qk_backward<T: ActElem>(
     ctx: &GpuContext,
-    qk: &DeviceBuffer<f32>,
-    v: &DeviceBuffer<f32>,
-    out: &DeviceBuffer<f32>,
+    qk: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    out: &DeviceBuffer<T>,
     lse: &DeviceBuffer<f32>,
-    d_out: &DeviceBuffer<f32>,
+    d_out: &DeviceBuffer<T>,
     dims: AttnDims,
     causal: bool,
     key_mask: Option<&DeviceBuffer<u8>>,

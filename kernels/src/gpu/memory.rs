@@ -133,6 +133,49 @@ impl DeviceElem for i32 {}
 impl DeviceElem for u8 {}
 impl DeviceElem for half::bf16 {}
 
+/// An element type activations may be stored in on the device. Kernels widen it to f32 on load
+/// (bf16 → f32 is exact) and accumulate in f32; outputs stay f32.
+///
+/// `widen` and `narrow` are the host's view of the kernels' conversions (for CPU twins and
+/// tests): `widen` is the kernels' `bf16_bits_to_float` (bits `<< 16`, NaN payloads kept as they
+/// are), `narrow` their `float_to_bf16_bits` (`half::bf16::from_f32`: round to nearest even).
+pub trait ActElem: DeviceElem {
+    /// Whether the kernels read (or write) this type as bf16; otherwise it is f32. Launch
+    /// wrappers pass `i32::from(T::IS_BF16)` beside the pointer.
+    const IS_BF16: bool;
+
+    /// The value as f32, exactly as a kernel loads it.
+    fn widen(self) -> f32;
+
+    /// `x` stored as this type, exactly as a kernel stores it: itself for f32, rounded to
+    /// nearest even for bf16.
+    fn narrow(x: f32) -> Self;
+}
+
+impl ActElem for f32 {
+    const IS_BF16: bool = false;
+
+    fn widen(self) -> f32 {
+        self
+    }
+
+    fn narrow(x: f32) -> Self {
+        x
+    }
+}
+
+impl ActElem for half::bf16 {
+    const IS_BF16: bool = true;
+
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    fn narrow(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
 /// A typed device allocation counted by a [`DevicePool`] while it lives. An empty buffer still
 /// owns one element of device memory (drivers refuse zero-byte allocations); its `len` is 0.
 pub struct DeviceBuffer<T: DeviceElem> {
@@ -367,6 +410,31 @@ mod tests {
         acct.reset_peak();
         assert_eq!(acct.peak_bytes(), 400);
         assert_eq!(acct.allocations(), 2);
+    }
+
+    #[test]
+    fn act_elem_flags_and_conversions_match_the_kernels() {
+        use half::bf16;
+        const { assert!(!<f32 as ActElem>::IS_BF16 && <bf16 as ActElem>::IS_BF16) };
+        assert_eq!(f32::narrow(0.1).widen().to_bits(), 0.1f32.to_bits());
+        // widen is bf16_bits_to_float: the bits shifted up, a NaN payload kept as it is (half's
+        // to_f32 would set the quiet bit).
+        for bits in [
+            0x0000u16, 0x8000, 0x3F80, 0xC0A1, 0x0001, 0x7F80, 0xFF80, 0x7F81, 0xFFFF,
+        ] {
+            let w = bf16::from_bits(bits).widen();
+            assert_eq!(w.to_bits(), u32::from(bits) << 16, "{bits:#06x}");
+        }
+        // narrow is float_to_bf16_bits: half's round to nearest even.
+        for x in [
+            1.0f32,
+            -2.5e-3,
+            f32::MAX,
+            f32::from_bits(0x3F81_8000),
+            f32::NAN,
+        ] {
+            assert_eq!(bf16::narrow(x).to_bits(), bf16::from_f32(x).to_bits());
+        }
     }
 
     #[test]

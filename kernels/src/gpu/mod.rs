@@ -17,7 +17,7 @@ pub mod testing;
 
 pub use context::GpuContext;
 pub use half::bf16;
-pub use memory::{DeviceBuffer, DeviceElem, DevicePool, MemoryAccount, MemoryReport};
+pub use memory::{ActElem, DeviceBuffer, DeviceElem, DevicePool, MemoryAccount, MemoryReport};
 
 use cudarc::driver::DriverError;
 

@@ -7,7 +7,7 @@ use half::bf16;
 use crate::error::KernelsError;
 use crate::gpu::launch::{exactly, grid_stride, need, to_i32, to_i64, warp_per_row};
 use crate::gpu::ops::launch_error;
-use crate::gpu::{DeviceBuffer, GpuContext};
+use crate::gpu::{ActElem, DeviceBuffer, GpuContext};
 use crate::sources::{names::elementwise as k, KernelFamily};
 
 const FAMILY: KernelFamily = KernelFamily::Elementwise;
@@ -189,11 +189,12 @@ pub fn bf16_to_f32(
     Ok(())
 }
 
-/// `out[r] = Σ_c a[r, c] · b[r, c]` for `rows` rows of `cols`.
-pub fn row_dot(
+/// `out[r] = Σ_c a[r, c] · b[r, c]` for `rows` rows of `cols`. `a` and `b` are f32 or bf16
+/// (widened on load); the products and sums are f32, `out` is f32.
+pub fn row_dot<T: ActElem>(
     ctx: &GpuContext,
-    a: &DeviceBuffer<f32>,
-    b_in: &DeviceBuffer<f32>,
+    a: &DeviceBuffer<T>,
+    b_in: &DeviceBuffer<T>,
     out: &mut DeviceBuffer<f32>,
     rows: usize,
     cols: usize,
@@ -207,14 +208,18 @@ pub fn row_dot(
         return Ok(());
     };
     let (rows, cols) = (to_i64(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::ROW_DOT)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(a.cu())
         .arg(b_in.cu())
         .arg(out.cu_mut())
         .arg(&rows)
-        .arg(&cols);
-    // SAFETY: ew_row_dot(const float*, const float*, float*, long long, int): a, b hold rows·cols, out rows.
+        .arg(&cols)
+        .arg(&act_bf16);
+    // SAFETY: ew_row_dot(const void* a, const void* b, float* out, long long rows, int cols, int
+    // act_bf16): a and b are T buffers (bf16 exactly when act_bf16 = 1, else f32) holding
+    // rows·cols elements, out holds rows floats (checked above).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::ROW_DOT, e))?;
     Ok(())
 }

@@ -1,5 +1,8 @@
 //! `exact_attention.cu`: blockwise exact attention (every key, or every earlier key when
 //! causal) with an online softmax; standard (scaled) or shared-QK (unit keys, self penalty).
+//!
+//! `q`, `k`, `v` and the upstream `dout` are f32 or bf16 ([`ActElem`]; one type for all four,
+//! widened to f32 on load); outputs, logsumexps and gradients are f32.
 
 use cudarc::driver::PushKernelArg;
 
@@ -8,7 +11,7 @@ use crate::geometry::{ATTN_ROWS_BWD, ATTN_ROWS_FWD};
 use crate::gpu::launch::{exact_attention_grid, invalid};
 use crate::gpu::ops::local_attention::{QkvInputs, Upstream};
 use crate::gpu::ops::{launch_error, push_mask, AttnDims};
-use crate::gpu::{DeviceBuffer, GpuContext};
+use crate::gpu::{ActElem, DeviceBuffer, GpuContext};
 use crate::sources::{names::exact_attention as k, KernelFamily};
 
 const FAMILY: KernelFamily = KernelFamily::ExactAttention;
@@ -79,9 +82,9 @@ impl ExactLaunch {
 }
 
 /// Output `[heads, len, d]` and logsumexp `[heads, len]`.
-pub fn forward(
+pub fn forward<T: ActElem>(
     ctx: &GpuContext,
-    x: QkvInputs<'_>,
+    x: QkvInputs<'_, T>,
     out: &mut DeviceBuffer<f32>,
     lse: &mut DeviceBuffer<f32>,
     l: &ExactLaunch,
@@ -93,6 +96,7 @@ pub fn forward(
     l.dims.check_rows(OP, "lse", lse.len())?;
     let cfg = exact_attention_grid(OP, l.dims.len, l.dims.heads, ATTN_ROWS_FWD)?;
     let [heads, n, d, causal, self_penalty, unit_keys] = l.scalars();
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::FWD)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.q.cu()).arg(x.k.cu()).arg(x.v.cu());
@@ -104,18 +108,20 @@ pub fn forward(
         .arg(&causal)
         .arg(&self_penalty)
         .arg(&unit_keys);
-    b.arg(&l.rule.scale);
-    // SAFETY: exact_attn_fwd(q, k, v, key_valid, vph, out, lse, heads, n, d, causal, self_penalty,
-    // unit_keys, scale): every buffer holds its [heads, n(, d)] extent (checked above).
+    b.arg(&l.rule.scale).arg(&act_bf16);
+    // SAFETY: exact_attn_fwd(const void* q, const void* k, const void* v, key_valid, vph,
+    // float* out, float* lse, heads, n, d, causal, self_penalty, unit_keys, scale, act_bf16): q, k,
+    // v are T buffers (bf16 exactly when act_bf16 = 1, else f32); every buffer holds its
+    // [heads, n(, d)] extent (checked above).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::FWD, e))?;
     Ok(())
 }
 
 /// Adds the query gradient into `dq`.
-pub fn backward_dq(
+pub fn backward_dq<T: ActElem>(
     ctx: &GpuContext,
-    x: QkvInputs<'_>,
-    g: Upstream<'_>,
+    x: QkvInputs<'_, T>,
+    g: Upstream<'_, T>,
     dq: &mut DeviceBuffer<f32>,
     l: &ExactLaunch,
 ) -> Result<(), KernelsError> {
@@ -126,6 +132,7 @@ pub fn backward_dq(
     l.dims.check_tensor(OP, "dq", dq.len())?;
     let cfg = exact_attention_grid(OP, l.dims.len, l.dims.heads, ATTN_ROWS_BWD)?;
     let [heads, n, d, causal, self_penalty, unit_keys] = l.scalars();
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::BWD_DQ)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.q.cu()).arg(x.k.cu()).arg(x.v.cu());
@@ -140,9 +147,11 @@ pub fn backward_dq(
         .arg(&causal)
         .arg(&self_penalty)
         .arg(&unit_keys);
-    b.arg(&l.rule.scale);
-    // SAFETY: exact_attn_bwd_dq(q, k, v, key_valid, vph, dout, lse, delta, dq, heads, n, d,
-    // causal, self_penalty, unit_keys, scale): extents checked; each query row is one block's.
+    b.arg(&l.rule.scale).arg(&act_bf16);
+    // SAFETY: exact_attn_bwd_dq(const void* q, const void* k, const void* v, key_valid, vph,
+    // const void* dout, lse, delta, float* dq, heads, n, d, causal, self_penalty, unit_keys, scale,
+    // act_bf16): q, k, v, dout are T buffers (bf16 exactly when act_bf16 = 1, else f32); extents
+    // checked; each query row is one block's.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::BWD_DQ, e))?;
     Ok(())
 }
@@ -150,10 +159,10 @@ pub fn backward_dq(
 /// Adds the key gradient (through the unit-norm with `unit_keys`) into `dk` and the value
 /// gradient into `dv`. For shared-QK attention `dk` may be the buffer [`backward_dq`] wrote:
 /// both launches are ordered on the stream.
-pub fn backward_dkdv(
+pub fn backward_dkdv<T: ActElem>(
     ctx: &GpuContext,
-    x: QkvInputs<'_>,
-    g: Upstream<'_>,
+    x: QkvInputs<'_, T>,
+    g: Upstream<'_, T>,
     dk: &mut DeviceBuffer<f32>,
     dv: &mut DeviceBuffer<f32>,
     l: &ExactLaunch,
@@ -166,6 +175,7 @@ pub fn backward_dkdv(
     l.dims.check_tensor(OP, "dv", dv.len())?;
     let cfg = exact_attention_grid(OP, l.dims.len, l.dims.heads, ATTN_ROWS_BWD)?;
     let [heads, n, d, causal, self_penalty, unit_keys] = l.scalars();
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::BWD_DKDV)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.q.cu()).arg(x.k.cu()).arg(x.v.cu());
@@ -181,9 +191,11 @@ pub fn backward_dkdv(
         .arg(&causal)
         .arg(&self_penalty)
         .arg(&unit_keys);
-    b.arg(&l.rule.scale);
-    // SAFETY: exact_attn_bwd_dkdv(q, k, v, key_valid, vph, dout, lse, delta, dk, dv, heads, n, d,
-    // causal, self_penalty, unit_keys, scale): extents checked; each key row is one block's.
+    b.arg(&l.rule.scale).arg(&act_bf16);
+    // SAFETY: exact_attn_bwd_dkdv(const void* q, const void* k, const void* v, key_valid, vph,
+    // const void* dout, lse, delta, float* dk, float* dv, heads, n, d, causal, self_penalty,
+    // unit_keys, scale, act_bf16): q, k, v, dout are T buffers (bf16 exactly when act_bf16 = 1,
+    // else f32); extents checked; each key row is one block's.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::BWD_DKDV, e))?;
     Ok(())
 }

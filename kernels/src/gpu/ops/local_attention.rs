@@ -1,5 +1,9 @@
 //! `local_attention.cu`: chunked local attention in original order (chunk `c` attends to
 //! chunks `c−1` and `c`), separate q, k, v, scores scaled.
+//!
+//! `q`, `k`, `v` and the upstream `dout` are f32 or bf16 ([`ActElem`]; one type for all four,
+//! widened to f32 on load); outputs, logsumexps and gradients are f32. [`QkvInputs`] and
+//! [`Upstream`] serve the exact attention wrappers too.
 
 use cudarc::driver::PushKernelArg;
 
@@ -7,7 +11,7 @@ use crate::error::KernelsError;
 use crate::geometry::{ATTN_ROWS_BWD, ATTN_ROWS_FWD};
 use crate::gpu::launch::{chunked_attention_grid, invalid, to_i32};
 use crate::gpu::ops::{launch_error, push_mask, AttnDims};
-use crate::gpu::{DeviceBuffer, GpuContext};
+use crate::gpu::{ActElem, DeviceBuffer, GpuContext};
 use crate::sources::{names::local_attention as k, KernelFamily};
 
 const FAMILY: KernelFamily = KernelFamily::LocalAttention;
@@ -41,16 +45,16 @@ impl LocalLaunch {
     }
 }
 
-/// `q`, `k`, `v` `[heads, len, d]` and an optional key mask.
+/// `q`, `k`, `v` `[heads, len, d]` (f32 or bf16) and an optional key mask.
 #[derive(Debug, Clone, Copy)]
-pub struct QkvInputs<'a> {
-    pub q: &'a DeviceBuffer<f32>,
-    pub k: &'a DeviceBuffer<f32>,
-    pub v: &'a DeviceBuffer<f32>,
+pub struct QkvInputs<'a, T: ActElem = f32> {
+    pub q: &'a DeviceBuffer<T>,
+    pub k: &'a DeviceBuffer<T>,
+    pub v: &'a DeviceBuffer<T>,
     pub key_valid: Option<&'a DeviceBuffer<u8>>,
 }
 
-impl QkvInputs<'_> {
+impl<T: ActElem> QkvInputs<'_, T> {
     pub(crate) fn check(&self, op: &'static str, dims: &AttnDims) -> Result<i32, KernelsError> {
         dims.check_tensor(op, "q", self.q.len())?;
         dims.check_tensor(op, "k", self.k.len())?;
@@ -59,15 +63,16 @@ impl QkvInputs<'_> {
     }
 }
 
-/// `dout` `[heads, len, d]`, `lse` and `delta = dout · out` `[heads, len]`.
+/// `dout` `[heads, len, d]` (stored as the inputs are), `lse` and `delta = dout · out`
+/// `[heads, len]`.
 #[derive(Debug, Clone, Copy)]
-pub struct Upstream<'a> {
-    pub dout: &'a DeviceBuffer<f32>,
+pub struct Upstream<'a, T: ActElem = f32> {
+    pub dout: &'a DeviceBuffer<T>,
     pub lse: &'a DeviceBuffer<f32>,
     pub delta: &'a DeviceBuffer<f32>,
 }
 
-impl Upstream<'_> {
+impl<T: ActElem> Upstream<'_, T> {
     pub(crate) fn check(&self, op: &'static str, dims: &AttnDims) -> Result<(), KernelsError> {
         dims.check_tensor(op, "dout", self.dout.len())?;
         dims.check_rows(op, "lse", self.lse.len())?;
@@ -76,9 +81,9 @@ impl Upstream<'_> {
 }
 
 /// Output `[heads, len, d]` and logsumexp `[heads, len]`.
-pub fn forward(
+pub fn forward<T: ActElem>(
     ctx: &GpuContext,
-    x: QkvInputs<'_>,
+    x: QkvInputs<'_, T>,
     out: &mut DeviceBuffer<f32>,
     lse: &mut DeviceBuffer<f32>,
     l: &LocalLaunch,
@@ -97,6 +102,7 @@ pub fn forward(
     )?;
     let (heads, n, d) = (l.dims.heads as i32, l.dims.len as i32, l.dims.d as i32);
     let (chunk, causal) = (l.effective_chunk() as i32, i32::from(l.causal));
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::FWD)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.q.cu()).arg(x.k.cu()).arg(x.v.cu());
@@ -107,18 +113,21 @@ pub fn forward(
         .arg(&d)
         .arg(&chunk)
         .arg(&causal)
-        .arg(&l.scale);
-    // SAFETY: local_attn_fwd(q, k, v, key_valid, vph, out, lse, heads, n, d, chunk, causal,
-    // scale): every buffer holds its [heads, n(, d)] extent (checked above).
+        .arg(&l.scale)
+        .arg(&act_bf16);
+    // SAFETY: local_attn_fwd(const void* q, const void* k, const void* v, key_valid, vph,
+    // float* out, float* lse, heads, n, d, chunk, causal, scale, act_bf16): q, k, v are T buffers
+    // (bf16 exactly when act_bf16 = 1, else f32); every buffer holds its [heads, n(, d)] extent
+    // (checked above).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::FWD, e))?;
     Ok(())
 }
 
 /// Adds the query gradient into `dq`.
-pub fn backward_dq(
+pub fn backward_dq<T: ActElem>(
     ctx: &GpuContext,
-    x: QkvInputs<'_>,
-    g: Upstream<'_>,
+    x: QkvInputs<'_, T>,
+    g: Upstream<'_, T>,
     dq: &mut DeviceBuffer<f32>,
     l: &LocalLaunch,
 ) -> Result<(), KernelsError> {
@@ -136,6 +145,7 @@ pub fn backward_dq(
     )?;
     let (heads, n, d) = (l.dims.heads as i32, l.dims.len as i32, l.dims.d as i32);
     let (chunk, causal) = (l.effective_chunk() as i32, i32::from(l.causal));
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::BWD_DQ)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.q.cu()).arg(x.k.cu()).arg(x.v.cu());
@@ -149,18 +159,21 @@ pub fn backward_dq(
         .arg(&d)
         .arg(&chunk)
         .arg(&causal)
-        .arg(&l.scale);
-    // SAFETY: local_attn_bwd_dq(q, k, v, key_valid, vph, dout, lse, delta, dq, heads, n, d, chunk,
-    // causal, scale): extents checked above; each query row belongs to one block.
+        .arg(&l.scale)
+        .arg(&act_bf16);
+    // SAFETY: local_attn_bwd_dq(const void* q, const void* k, const void* v, key_valid, vph,
+    // const void* dout, lse, delta, float* dq, heads, n, d, chunk, causal, scale, act_bf16): q, k,
+    // v, dout are T buffers (bf16 exactly when act_bf16 = 1, else f32); extents checked above;
+    // each query row belongs to one block.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::BWD_DQ, e))?;
     Ok(())
 }
 
 /// Adds the key and value gradients into `dk`, `dv`.
-pub fn backward_dkdv(
+pub fn backward_dkdv<T: ActElem>(
     ctx: &GpuContext,
-    x: QkvInputs<'_>,
-    g: Upstream<'_>,
+    x: QkvInputs<'_, T>,
+    g: Upstream<'_, T>,
     dk: &mut DeviceBuffer<f32>,
     dv: &mut DeviceBuffer<f32>,
     l: &LocalLaunch,
@@ -180,6 +193,7 @@ pub fn backward_dkdv(
     )?;
     let (heads, n, d) = (l.dims.heads as i32, l.dims.len as i32, l.dims.d as i32);
     let (chunk, causal) = (l.effective_chunk() as i32, i32::from(l.causal));
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::BWD_DKDV)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.q.cu()).arg(x.k.cu()).arg(x.v.cu());
@@ -194,9 +208,12 @@ pub fn backward_dkdv(
         .arg(&d)
         .arg(&chunk)
         .arg(&causal)
-        .arg(&l.scale);
-    // SAFETY: local_attn_bwd_dkdv(q, k, v, key_valid, vph, dout, lse, delta, dk, dv, heads, n, d,
-    // chunk, causal, scale): extents checked above; each key row belongs to one block.
+        .arg(&l.scale)
+        .arg(&act_bf16);
+    // SAFETY: local_attn_bwd_dkdv(const void* q, const void* k, const void* v, key_valid, vph,
+    // const void* dout, lse, delta, float* dk, float* dv, heads, n, d, chunk, causal, scale,
+    // act_bf16): q, k, v, dout are T buffers (bf16 exactly when act_bf16 = 1, else f32); extents
+    // checked above; each key row belongs to one block.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::BWD_DKDV, e))?;
     Ok(())
 }

@@ -1,5 +1,9 @@
 //! `lsh_attention.cu`: shared-QK LSH attention over the bucket-sorted order of each round, one
 //! launch per round (forward, fold/combine, backward dq and dk/dv passes).
+//!
+//! The activations the passes read — `qk`, `v` and the upstream `dout` — are f32 or bf16
+//! ([`ActElem`]; one type for all three, widened to f32 on load); everything the passes write
+//! (output, logsumexps, gradients) is f32.
 
 use cudarc::driver::PushKernelArg;
 
@@ -7,7 +11,7 @@ use crate::error::KernelsError;
 use crate::geometry::{ATTN_ROWS_BWD, ATTN_ROWS_FWD};
 use crate::gpu::launch::{chunked_attention_grid, invalid, mul, need, to_i32, warp_per_row};
 use crate::gpu::ops::{launch_error, push_mask, AttnDims};
-use crate::gpu::{DeviceBuffer, GpuContext};
+use crate::gpu::{ActElem, DeviceBuffer, GpuContext};
 use crate::sources::{names::lsh_attention as k, KernelFamily};
 
 const FAMILY: KernelFamily = KernelFamily::LshAttention;
@@ -79,17 +83,18 @@ struct LshScalars {
     causal: i32,
 }
 
-/// The inputs every pass reads: `qk`, `v` `[heads, len, d]`, `perm` `[heads, n_rounds, len]`
-/// (from the bucket sort) and an optional key mask (`[len]` or `[heads, len]`, 1 = real token).
+/// The inputs every pass reads: `qk`, `v` `[heads, len, d]` (f32 or bf16), `perm`
+/// `[heads, n_rounds, len]` (from the bucket sort) and an optional key mask (`[len]` or
+/// `[heads, len]`, 1 = real token).
 #[derive(Debug, Clone, Copy)]
-pub struct LshInputs<'a> {
-    pub qk: &'a DeviceBuffer<f32>,
-    pub v: &'a DeviceBuffer<f32>,
+pub struct LshInputs<'a, T: ActElem = f32> {
+    pub qk: &'a DeviceBuffer<T>,
+    pub v: &'a DeviceBuffer<T>,
     pub perm: &'a DeviceBuffer<u32>,
     pub key_valid: Option<&'a DeviceBuffer<u8>>,
 }
 
-impl LshInputs<'_> {
+impl<T: ActElem> LshInputs<'_, T> {
     fn check(&self, op: &'static str, l: &LshLaunch) -> Result<i32, KernelsError> {
         l.dims.check_tensor(op, "qk", self.qk.len())?;
         l.dims.check_tensor(op, "v", self.v.len())?;
@@ -103,9 +108,9 @@ impl LshInputs<'_> {
 /// `[heads, n_rounds, len]`) and its output to `out` `[heads, len, d]` — folded into the running
 /// output of rounds `0..round` with `fold`, overwriting `out` otherwise (then fold it with
 /// [`combine_round`]). Rounds must run in order.
-pub fn forward_round(
+pub fn forward_round<T: ActElem>(
     ctx: &GpuContext,
-    x: LshInputs<'_>,
+    x: LshInputs<'_, T>,
     out: &mut DeviceBuffer<f32>,
     lse: &mut DeviceBuffer<f32>,
     l: &LshLaunch,
@@ -126,6 +131,7 @@ pub fn forward_round(
     )?;
     let s = l.scalars(round);
     let fold = i32::from(fold);
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::FWD)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.qk.cu()).arg(x.v.cu()).arg(x.perm.cu());
@@ -137,9 +143,11 @@ pub fn forward_round(
         .arg(&s.n)
         .arg(&s.d)
         .arg(&s.chunk);
-    b.arg(&s.causal).arg(&fold);
-    // SAFETY: lsh_attn_fwd(qk, v, perm, key_valid, vph, out, lse, heads, rounds, round, n, d,
-    // chunk, causal, fold): every buffer holds its [heads, (rounds,) n(, d)] extent (checked).
+    b.arg(&s.causal).arg(&fold).arg(&act_bf16);
+    // SAFETY: lsh_attn_fwd(const void* qk, const void* v, perm, key_valid, vph, float* out,
+    // float* lse, heads, rounds, round, n, d, chunk, causal, fold, act_bf16): qk and v are T
+    // buffers (bf16 exactly when act_bf16 = 1, else f32); every buffer holds its
+    // [heads, (rounds,) n(, d)] extent (checked).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::FWD, e))?;
     Ok(())
 }
@@ -177,16 +185,16 @@ pub fn combine_round(
     Ok(())
 }
 
-/// The upstream quantities of the backward: `dout` `[heads, len, d]`, every round's `lse`
-/// `[heads, n_rounds, len]`, `delta = dout · out` `[heads, len]`.
+/// The upstream quantities of the backward: `dout` `[heads, len, d]` (stored as the inputs
+/// are), every round's `lse` `[heads, n_rounds, len]`, `delta = dout · out` `[heads, len]`.
 #[derive(Debug, Clone, Copy)]
-pub struct LshUpstream<'a> {
-    pub dout: &'a DeviceBuffer<f32>,
+pub struct LshUpstream<'a, T: ActElem = f32> {
+    pub dout: &'a DeviceBuffer<T>,
     pub lse: &'a DeviceBuffer<f32>,
     pub delta: &'a DeviceBuffer<f32>,
 }
 
-impl LshUpstream<'_> {
+impl<T: ActElem> LshUpstream<'_, T> {
     fn check(&self, op: &'static str, l: &LshLaunch) -> Result<(), KernelsError> {
         l.dims.check_tensor(op, "dout", self.dout.len())?;
         need(op, "lse", self.lse.len(), l.per_round_len())?;
@@ -195,10 +203,10 @@ impl LshUpstream<'_> {
 }
 
 /// Round `round`'s dq pass: adds the query gradient into `dqk`.
-pub fn backward_dq_round(
+pub fn backward_dq_round<T: ActElem>(
     ctx: &GpuContext,
-    x: LshInputs<'_>,
-    g: LshUpstream<'_>,
+    x: LshInputs<'_, T>,
+    g: LshUpstream<'_, T>,
     dqk: &mut DeviceBuffer<f32>,
     l: &LshLaunch,
     round: usize,
@@ -216,6 +224,7 @@ pub fn backward_dq_round(
         ATTN_ROWS_BWD,
     )?;
     let s = l.scalars(round);
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::BWD_DQ)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.qk.cu()).arg(x.v.cu()).arg(x.perm.cu());
@@ -230,19 +239,21 @@ pub fn backward_dq_round(
         .arg(&s.n)
         .arg(&s.d)
         .arg(&s.chunk);
-    b.arg(&s.causal);
-    // SAFETY: lsh_attn_bwd_dq(qk, v, perm, key_valid, vph, dout, lse, delta, dqk, heads, rounds,
-    // round, n, d, chunk, causal): buffer extents checked above; each query row is one block's.
+    b.arg(&s.causal).arg(&act_bf16);
+    // SAFETY: lsh_attn_bwd_dq(const void* qk, const void* v, perm, key_valid, vph, const void*
+    // dout, lse, delta, float* dqk, heads, rounds, round, n, d, chunk, causal, act_bf16): qk, v
+    // and dout are T buffers (bf16 exactly when act_bf16 = 1, else f32); buffer extents checked
+    // above; each query row is one block's.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::BWD_DQ, e))?;
     Ok(())
 }
 
 /// Round `round`'s dk/dv pass: adds the key gradient (through the unit-norm) into `dqk` and
 /// the value gradient into `dv`.
-pub fn backward_dkdv_round(
+pub fn backward_dkdv_round<T: ActElem>(
     ctx: &GpuContext,
-    x: LshInputs<'_>,
-    g: LshUpstream<'_>,
+    x: LshInputs<'_, T>,
+    g: LshUpstream<'_, T>,
     dqk: &mut DeviceBuffer<f32>,
     dv: &mut DeviceBuffer<f32>,
     l: &LshLaunch,
@@ -262,6 +273,7 @@ pub fn backward_dkdv_round(
         ATTN_ROWS_BWD,
     )?;
     let s = l.scalars(round);
+    let act_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::BWD_DKDV)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.qk.cu()).arg(x.v.cu()).arg(x.perm.cu());
@@ -277,9 +289,11 @@ pub fn backward_dkdv_round(
         .arg(&s.n)
         .arg(&s.d)
         .arg(&s.chunk);
-    b.arg(&s.causal);
-    // SAFETY: lsh_attn_bwd_dkdv(qk, v, perm, key_valid, vph, dout, lse, delta, dqk, dv, heads,
-    // rounds, round, n, d, chunk, causal): extents checked above; each key row is one block's.
+    b.arg(&s.causal).arg(&act_bf16);
+    // SAFETY: lsh_attn_bwd_dkdv(const void* qk, const void* v, perm, key_valid, vph, const void*
+    // dout, lse, delta, float* dqk, float* dv, heads, rounds, round, n, d, chunk, causal,
+    // act_bf16): qk, v and dout are T buffers (bf16 exactly when act_bf16 = 1, else f32); extents
+    // checked above; each key row is one block's.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::BWD_DKDV, e))?;
     Ok(())
 }

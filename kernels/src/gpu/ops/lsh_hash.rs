@@ -6,7 +6,7 @@ use cudarc::driver::PushKernelArg;
 use crate::error::KernelsError;
 use crate::gpu::launch::{grid, invalid, mul, need, to_i32, to_i64, ROW_WARPS};
 use crate::gpu::ops::launch_error;
-use crate::gpu::{DeviceBuffer, GpuContext};
+use crate::gpu::{ActElem, DeviceBuffer, GpuContext};
 use crate::sources::{names::lsh_hash as k, KernelFamily};
 
 const FAMILY: KernelFamily = KernelFamily::LshHash;
@@ -97,11 +97,12 @@ pub fn check_buckets(op: &'static str, b1: usize, b2: usize) -> Result<(), Kerne
     }
 }
 
-/// Buckets `[heads, n_rounds, len]` of the rows `x` `[heads, len, d]` under rotations
-/// `[n_rounds, d, cols]` per head (head `h` at `h·rot_head_stride`).
-pub fn hash(
+/// Buckets `[heads, n_rounds, len]` of the rows `x` `[heads, len, d]` (f32 or bf16, widened on
+/// load; the projections are f32 sums either way) under rotations `[n_rounds, d, cols]` per head
+/// (head `h` at `h·rot_head_stride`).
+pub fn hash<T: ActElem>(
     ctx: &GpuContext,
-    x: &DeviceBuffer<f32>,
+    x: &DeviceBuffer<T>,
     rot: &DeviceBuffer<f32>,
     buckets: &mut DeviceBuffer<u32>,
     dims: HashDims,
@@ -120,6 +121,7 @@ pub fn hash(
     let (heads, n, d) = (dims.heads as i32, dims.len as i32, dims.d as i32);
     let (rounds, b1, b2) = (dims.n_rounds as i32, dims.b1 as i32, dims.b2 as i32);
     let stride = dims.rot_head_stride as i64;
+    let x_bf16 = i32::from(T::IS_BF16);
     let f = ctx.function(FAMILY, k::HASH)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.cu()).arg(rot.cu()).arg(buckets.cu_mut());
@@ -129,9 +131,12 @@ pub fn hash(
         .arg(&rounds)
         .arg(&b1)
         .arg(&b2)
-        .arg(&stride);
-    // SAFETY: lsh_hash(x, rot, buckets, int heads, int n, int d, int rounds, int b1, int b2, long
-    // long stride), grid (ceil(n / W), heads): x, rotations and buckets hold what dims.check asks.
+        .arg(&stride)
+        .arg(&x_bf16);
+    // SAFETY: lsh_hash(const void* x, const float* rot, unsigned* buckets, int heads, int n, int d,
+    // int rounds, int b1, int b2, long long stride, int x_bf16), grid (ceil(n / W), heads): x is a
+    // T buffer (bf16 exactly when x_bf16 = 1, else f32); x, rotations and buckets hold the
+    // elements dims.check asks for.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::HASH, e))?;
     Ok(())
 }

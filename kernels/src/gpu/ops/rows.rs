@@ -19,7 +19,7 @@ use crate::gpu::launch::{
     MAX_GRID_YZ, NULL_DEVICE_PTR,
 };
 use crate::gpu::ops::launch_error;
-use crate::gpu::{DeviceBuffer, GpuContext};
+use crate::gpu::{ActElem, DeviceBuffer, GpuContext};
 use crate::sources::{names::rows as k, KernelFamily};
 
 const FAMILY: KernelFamily = KernelFamily::Rows;
@@ -95,12 +95,18 @@ const DROPOUT_THREADS: u32 = 64;
 
 /// `dst(r, c) = (accumulate ? dst(r, c) : 0) + alpha · src(r, c)` for `r < rows`, `c < cols`.
 /// (Not accumulating writes `alpha · src(r, c)`, so a copy with `alpha = 1` keeps `−0`.)
+///
+/// `src` and `dst` are each f32 or bf16 ([`ActElem`]; offsets and leading dimensions in
+/// elements). The arithmetic is f32 on the widened values — `alpha · src` rounded, then added to
+/// the widened `dst` when accumulating — and a bf16 `dst` stores the result rounded to nearest
+/// even: equal bit for bit to [`host::copy2d_act`] ([`host::copy2d`] for f32 → f32,
+/// [`host::copy2d_to_bf16`] for f32 → bf16).
 #[allow(clippy::too_many_arguments)]
-pub fn copy2d(
+pub fn copy2d<S: ActElem, D: ActElem>(
     ctx: &GpuContext,
-    src: &DeviceBuffer<f32>,
+    src: &DeviceBuffer<S>,
     s: Strided,
-    dst: &mut DeviceBuffer<f32>,
+    dst: &mut DeviceBuffer<D>,
     d: Strided,
     rows: usize,
     cols: usize,
@@ -122,15 +128,18 @@ pub fn copy2d(
     let (d_off, d_ld) = (to_i64(OP, "offset", d.offset)?, to_i64(OP, "ld", d.ld)?);
     let (rows_i, cols_i) = (to_i64(OP, "rows", rows)?, to_i64(OP, "cols", cols)?);
     let acc = i32::from(accumulate);
+    let (src_bf16, dst_bf16) = (i32::from(S::IS_BF16), i32::from(D::IS_BF16));
     let f = ctx.function(FAMILY, k::COPY2D)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(src.cu()).arg(&s_off).arg(&s_ld);
     b.arg(dst.cu_mut()).arg(&d_off).arg(&d_ld);
     b.arg(&rows_i).arg(&cols_i).arg(&alpha).arg(&acc);
-    // SAFETY: rows_copy2d(const float*, long long, long long, float*, long long, long long,
-    // long long, long long, float, int) touches offset + r·ld + c, r < rows, c < cols, of each
-    // buffer: below the checked ends (≤ the buffers' lengths). src and dst are distinct buffers
-    // (one is borrowed shared, the other exclusively).
+    b.arg(&src_bf16).arg(&dst_bf16);
+    // SAFETY: rows_copy2d(const void* src, long long, long long, void* dst, long long, long long,
+    // long long, long long, float, int, int src_bf16, int dst_bf16) touches element
+    // offset + r·ld + c, r < rows, c < cols, of each buffer — elements of 2 bytes exactly when
+    // its flag is 1 (S, D bf16), else 4 (f32): below the checked ends (≤ the buffers' lengths).
+    // src and dst are distinct buffers (one is borrowed shared, the other exclusively).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::COPY2D, e))?;
     Ok(())
 }
@@ -313,6 +322,7 @@ pub fn dropout_rows(
 /// panic (like slice indexing) where the wrappers return an argument error.
 pub mod host {
     use super::{column_sum_parts, Strided};
+    use crate::gpu::ActElem;
 
     /// `dst(r, c) = (accumulate ? dst(r, c) + alpha·src(r, c) : alpha·src(r, c))`.
     #[allow(clippy::too_many_arguments)]
@@ -342,6 +352,50 @@ pub mod host {
                 }
             }
         }
+    }
+
+    /// The twin of [`super::copy2d`] for any storage: `dst(r, c) = narrow(accumulate ?
+    /// widen(dst(r, c)) + alpha·widen(src(r, c)) : alpha·widen(src(r, c)))`, the product and the
+    /// sum rounded in f32, a bf16 `dst` rounded to nearest even ([`ActElem::widen`],
+    /// [`ActElem::narrow`]). For f32 → f32 it is [`copy2d`]. (NaN inputs give NaN on both
+    /// sides, but not necessarily the same payload: the device's arithmetic makes canonical NaNs.)
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy2d_act<S: ActElem, D: ActElem>(
+        src: &[S],
+        s: Strided,
+        dst: &mut [D],
+        d: Strided,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        accumulate: bool,
+    ) {
+        if cols == 0 {
+            return;
+        }
+        for r in 0..rows {
+            let sr = &src[s.offset + r * s.ld..][..cols];
+            let dr = &mut dst[d.offset + r * d.ld..][..cols];
+            for (o, &x) in dr.iter_mut().zip(sr) {
+                let v = alpha * x.widen();
+                *o = D::narrow(if accumulate { o.widen() + v } else { v });
+            }
+        }
+    }
+
+    /// [`copy2d_act`] from f32 into bf16: the twin of [`super::copy2d`] with a bf16 `dst`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy2d_to_bf16(
+        src: &[f32],
+        s: Strided,
+        dst: &mut [half::bf16],
+        d: Strided,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        accumulate: bool,
+    ) {
+        copy2d_act(src, s, dst, d, rows, cols, alpha, accumulate);
     }
 
     /// `x[r, c] += bias[c]`.
@@ -520,5 +574,100 @@ mod tests {
             dst,
             [1.0, 1.0, 3.0, 5.0, 1.0, 1.0, 13.0, 15.0, 1.0, 1.0, 1.0, 1.0]
         );
+    }
+
+    #[test]
+    fn host_copy2d_to_bf16_rounds_to_nearest_even_like_the_kernel() {
+        use half::bf16;
+        // (f32 bits in, bf16 bits out) of a copy with alpha = 1: the kernel's float_to_bf16_bits.
+        let cases: &[(u32, u16)] = &[
+            (0x3F80_0000, 0x3F80), // 1.0, exact
+            (0x3F80_8000, 0x3F80), // tie, even upper half: stays
+            (0x3F81_8000, 0x3F82), // tie, odd upper half: up to even
+            (0x3F80_8001, 0x3F81), // past the tie: up
+            (0x3F80_7FFF, 0x3F80), // below the tie: down
+            (0xBF81_8000, 0xBF82), // negative tie: magnitude to even
+            (0x8000_0000, 0x8000), // -0 stays -0
+            (0x7F7F_FFFF, 0x7F80), // f32::MAX rounds to +inf
+            (0xFF80_0000, 0xFF80), // -inf
+            (0x0000_8001, 0x0001), // subnormal, rounds up
+            (0x7F80_0001, 0x7FC0), // signalling NaN: upper bits, quiet bit set
+            (0x7FC0_0000, 0x7FC0), // quiet NaN
+        ];
+        let src: Vec<f32> = cases.iter().map(|&(b, _)| f32::from_bits(b)).collect();
+        let mut dst = vec![bf16::from_bits(0x1234); cases.len() + 1];
+        let n = cases.len();
+        host::copy2d_to_bf16(
+            &src,
+            Strided::new(0, n),
+            &mut dst,
+            Strided::new(1, n),
+            1,
+            n,
+            1.0,
+            false,
+        );
+        assert_eq!(dst[0].to_bits(), 0x1234, "outside the extent");
+        for (i, &(x, want)) in cases.iter().enumerate() {
+            assert_eq!(
+                dst[i + 1].to_bits(),
+                want,
+                "{x:#010x} -> {:#06x}, want {want:#06x}",
+                dst[i + 1].to_bits()
+            );
+            assert_eq!(
+                bf16::from_f32(f32::from_bits(x)).to_bits(),
+                want,
+                "half agrees"
+            );
+        }
+
+        // Accumulating: dst widened, alpha·src rounded in f32, the f32 sum rounded once.
+        let src = [1.5f32, -3.0, 1e-3];
+        let mut dst = [
+            bf16::from_f32(2.0),
+            bf16::from_f32(0.5),
+            bf16::from_f32(1.0),
+        ];
+        host::copy2d_to_bf16(
+            &src,
+            Strided::new(0, 1),
+            &mut dst,
+            Strided::new(0, 1),
+            3,
+            1,
+            0.5,
+            true,
+        );
+        let want = [2.0f32 + 0.75, 0.5 - 1.5, 1.0 + 0.5 * 1e-3].map(bf16::from_f32);
+        assert_eq!(dst.map(|v| v.to_bits()), want.map(|v| v.to_bits()));
+    }
+
+    #[test]
+    fn host_copy2d_act_is_copy2d_for_f32_and_widens_bf16_exactly() {
+        use half::bf16;
+        let src: Vec<f32> = (0..40).map(|i| (i as f32 - 17.3) * 0.37).collect();
+        let s = Strided::new(3, 9);
+        let d = Strided::new(1, 8);
+        for accumulate in [false, true] {
+            let mut a: Vec<f32> = (0..40).map(|i| i as f32 * 0.11).collect();
+            let mut b = a.clone();
+            host::copy2d(&src, s, &mut a, d, 4, 6, -1.25, accumulate);
+            host::copy2d_act(&src, s, &mut b, d, 4, 6, -1.25, accumulate);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        // bf16 -> f32: the widened values, scaled in f32.
+        let src16: Vec<bf16> = src.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut out = vec![0.0f32; 40];
+        host::copy2d_act(&src16, s, &mut out, d, 4, 6, 2.0, false);
+        for r in 0..4 {
+            for c in 0..6 {
+                let want = 2.0 * src16[3 + 9 * r + c].to_f32();
+                assert_eq!(out[1 + 8 * r + c].to_bits(), want.to_bits());
+            }
+        }
     }
 }
