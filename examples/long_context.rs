@@ -82,7 +82,10 @@ struct Args {
     /// Print the plan and exit.
     #[arg(long)]
     plan: bool,
-    /// Activation storage type for the printed plan (the CPU engine runs f32).
+    /// Activation storage of the device model (`--device cuda|twin`): its head-layout
+    /// activations (q, k, v, attention output and its gradient) in bf16, read as f32 by the
+    /// kernels; the reversible streams, parameters and gradients stay f32. The CPU reference
+    /// runs f32 (its printed plan for bf16 is an estimate).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
     /// Training steps (forward, backward, Adam) to run.
@@ -322,8 +325,8 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     // measured against. Shown for `--device cuda` even where no GPU answers.
     let device_plans =
         if matches!(args.device, DeviceArg::Cuda) || matches!(runner, Runner::Cuda(_)) {
-            let t = DevicePlan::new(&cfg, len, true)?;
-            let i = DevicePlan::new(&cfg, len, false)?;
+            let t = DevicePlan::with_act_dtype(&cfg, len, true, dtype)?;
+            let i = DevicePlan::with_act_dtype(&cfg, len, false, dtype)?;
             println!("{t}");
             println!("{i}");
             put(summary, "device_train_plan_bytes", t.peak.into());
@@ -350,11 +353,14 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     let plans = device_plans.unwrap_or((train_plan.total, infer_plan.total));
     match runner {
         Runner::Cuda(ordinal) => {
-            let backend = CudaBackend::new(ordinal, Some(budget)).map_err(|e| describe(&e))?;
+            let backend = CudaBackend::new(ordinal, Some(budget))
+                .map_err(|e| describe(&e))?
+                .with_act_dtype(dtype)?;
             backend.set_tf32(args.tf32)?;
             put(summary, "tf32", args.tf32.into());
+            put(summary, "act_dtype", format!("{dtype:?}").into());
             println!(
-                "device: {}; dense products in {}",
+                "device: {}; dense products in {}; activations in {dtype:?}",
                 backend.describe(),
                 if args.tf32 { "TF32" } else { "f32" }
             );
@@ -362,11 +368,22 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
         }
         Runner::Twin => {
             let pool = MemoryPool::with_budget(budget);
-            let backend = HostBackend::new(&pool);
-            println!("device: {}", backend.describe());
+            let backend = HostBackend::new(&pool).with_act_dtype(dtype)?;
+            put(summary, "act_dtype", format!("{dtype:?}").into());
+            println!(
+                "device: {}; activations in {dtype:?} (held as f32 values on the host)",
+                backend.describe()
+            );
             return device_model(backend, &cfg, args, &window, plans, summary);
         }
-        Runner::Reference => {}
+        Runner::Reference => {
+            if dtype != DType::F32 {
+                println!(
+                    "--dtype {dtype:?}: the CPU reference model stores f32 (bf16 storage is the \
+                     device model's: --device cuda or twin); running f32"
+                );
+            }
+        }
     }
     let pool = MemoryPool::with_budget(budget);
     let mut train_peak = 0usize;

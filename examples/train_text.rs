@@ -27,7 +27,7 @@ use reformer::device::{
 };
 use reformer::train::bits;
 use reformer::{generate, AdamConfig, LrSchedule, ModelConfig, ReformerLm, SampleOptions, Trainer};
-use reformer_engine::MemoryPool;
+use reformer_engine::{DType, MemoryPool};
 
 const DEFAULT_TEXT: &str = "data/shakespeare.txt";
 const DEFAULT_STEPS: u64 = 2000;
@@ -40,6 +40,19 @@ enum DeviceArg {
     Cuda,
     Auto,
     Twin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DTypeArg {
+    F32,
+    Bf16,
+}
+
+/// How the device model runs: dense products in TF32, activations in bf16.
+#[derive(Debug, Clone, Copy)]
+struct DeviceOptions {
+    tf32: bool,
+    act: DType,
 }
 
 impl From<DeviceArg> for DeviceRequest {
@@ -169,11 +182,21 @@ fn device_trainer<B: Backend>(
     .with_batch(batch))
 }
 
+fn device_options(args: &Args) -> DeviceOptions {
+    DeviceOptions {
+        tf32: args.tf32,
+        act: match args.dtype {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+        },
+    }
+}
+
 /// The trainer `runner` asks for (the CPU's, or the device model on a GPU or on the CPU
 /// twins), started as `start`.
 fn build(
     runner: Runner,
-    tf32: bool,
+    opts: DeviceOptions,
     start: &Start,
     pool: &MemoryPool,
     data: TextData,
@@ -181,33 +204,44 @@ fn build(
 ) -> AnyResult<AnyTrainer> {
     Ok(match runner {
         Runner::Cuda(ordinal) => {
-            let b = CudaBackend::new(ordinal, None)?;
-            b.set_tf32(tf32)?;
+            let b = CudaBackend::new(ordinal, None)?.with_act_dtype(opts.act)?;
+            b.set_tf32(opts.tf32)?;
             eprintln!(
-                "device: {}; dense products in {}",
+                "device: {}; dense products in {}; activations in {:?}",
                 b.describe(),
-                if tf32 { "TF32" } else { "f32" }
+                if opts.tf32 { "TF32" } else { "f32" },
+                opts.act
             );
             AnyTrainer::Cuda(Box::new(device_trainer(b, start, data, batch)?))
         }
         Runner::Twin => {
-            let b = HostBackend::new(&MemoryPool::unlimited());
-            eprintln!("device: {}", b.describe());
+            let b = HostBackend::new(&MemoryPool::unlimited()).with_act_dtype(opts.act)?;
+            eprintln!("device: {}; activations in {:?}", b.describe(), opts.act);
             AnyTrainer::Twin(Box::new(device_trainer(b, start, data, batch)?))
         }
-        Runner::Reference => AnyTrainer::Cpu(Box::new(
-            match start {
-                Start::Fresh {
-                    cfg,
-                    seq_len,
-                    seed,
-                    schedule,
-                    adam,
-                } => Trainer::new(cfg, pool, data, *seq_len, *seed, *schedule, *adam)?,
-                Start::Resume(ck) => Trainer::from_checkpoint(ck, pool, data)?,
+        Runner::Reference => {
+            if opts.act != DType::F32 {
+                eprintln!(
+                    "--dtype {:?}: the CPU reference model stores f32 (bf16 activation storage \
+                     is the device model's: --device cuda, auto with a GPU, or twin); training \
+                     in f32",
+                    opts.act
+                );
             }
-            .with_batch(batch),
-        )),
+            AnyTrainer::Cpu(Box::new(
+                match start {
+                    Start::Fresh {
+                        cfg,
+                        seq_len,
+                        seed,
+                        schedule,
+                        adam,
+                    } => Trainer::new(cfg, pool, data, *seq_len, *seed, *schedule, *adam)?,
+                    Start::Resume(ck) => Trainer::from_checkpoint(ck, pool, data)?,
+                }
+                .with_batch(batch),
+            ))
+        }
     })
 }
 
@@ -230,6 +264,12 @@ struct Args {
     /// With --device cuda: dense products in TF32 on tensor cores (f32 accumulation).
     #[arg(long)]
     tf32: bool,
+    /// Activation storage of the device model (--device cuda|auto|twin): bf16 stores its
+    /// head-layout activations (q, k, v, attention output and its gradient) in bf16, read as
+    /// f32 by the kernels; the reversible streams, parameters, gradients and Adam moments stay
+    /// f32. The CPU reference model runs f32 only.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
     /// Tokens (bytes) per training window; at most the preset's axial capacity.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
@@ -358,7 +398,7 @@ fn run(args: &Args) -> AnyResult<()> {
             let runner = select(args.device.into());
             let mut t = build(
                 runner,
-                args.tf32,
+                device_options(args),
                 &Start::Resume(&ck),
                 &pool,
                 data,
@@ -418,7 +458,7 @@ fn run(args: &Args) -> AnyResult<()> {
             };
             build(
                 select(args.device.into()),
-                args.tf32,
+                device_options(args),
                 &start,
                 &pool,
                 data,

@@ -19,7 +19,8 @@
 #             wide20; plain and with checkpointing) and our long_context training steps of cp6
 #             and wide20 at the same lengths
 #   long      our long_context at 2^19 under --mem-budget 16GiB: deep20 and wide20, training
-#             steps and a forward-only pass (and wide20 once more in full f32)
+#             steps and a forward-only pass (wide20 once more with bf16 activations, and once in
+#             full f32)
 #   sweep     our wide20 training step at 2^14 … 2^19 (time and bytes per token against length)
 #   all       env parity bench step long sweep (more than one device call's 10 minutes: run
 #             the phases one call each)
@@ -389,13 +390,15 @@ phase_bench() {
 }
 
 # long_context PHASE PRESET LEN TIMEOUT PRECISION EXTRA-ARGS...: PRECISION f32 (full f32
-# dense products) or tf32 (--tf32: tensor cores, f32 accumulation); the output file names it.
+# dense products) or tf32 (--tf32: tensor cores, f32 accumulation), either with a -bf16 suffix
+# for bf16 activation storage (--dtype bf16); the output file names it.
 long_context() {
     local phase="$1" preset="$2" len="$3" limit="$4" precision="$5"
     shift 5
     local json="$out/step/long_context-$preset-$len-$precision.json"
     local flags=()
-    [[ "$precision" == "tf32" ]] && flags=(--tf32)
+    [[ "$precision" == tf32* ]] && flags+=(--tf32)
+    [[ "$precision" == *-bf16 ]] && flags+=(--dtype bf16)
     run_one "$phase" "long_context-$preset-$len-$precision" "$limit" "$json" \
         "$(example long_context)" --device cuda --preset "$preset" --len "$len" \
         --json "$json" "${flags[@]}" "$@"
@@ -424,6 +427,9 @@ phase_long() {
     need_stage || { record long "stage" "fail" 2 0 "no staged binaries" ""; return; }
     long_context long deep20 524288 200 "$precision" --mem-budget "$mem_budget" --steps 2 --infer 1
     long_context long wide20 524288 300 "$precision" --mem-budget "$mem_budget" --steps 2 --infer 1
+    # bf16 activation storage: the same step, head-layout activations halved.
+    long_context long wide20 524288 200 "$precision-bf16" --mem-budget "$mem_budget" --steps 1 \
+        --infer 0
     if [[ "$precision" != "f32" ]]; then
         # The same step with full-f32 dense products, once.
         long_context long wide20 524288 200 f32 --mem-budget "$mem_budget" --steps 1 --infer 0

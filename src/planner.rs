@@ -171,12 +171,12 @@ impl MemoryPlan {
         sim.at("embedding".into());
         let x1 = sim.alloc(
             stream("X1/Y1"),
-            sim.act(len * cfg.d_model),
+            sim.stream(len * cfg.d_model),
             Category::Stored,
         );
         let x2 = sim.alloc(
             stream("X2/Y2"),
-            sim.act(len * cfg.d_model),
+            sim.stream(len * cfg.d_model),
             Category::Stored,
         );
 
@@ -199,8 +199,16 @@ impl MemoryPlan {
             sim.at(format!(
                 "LM head: chunked loss and its backward ({c} positions per chunk)"
             ));
-            dy.push(sim.alloc(stream("dY1"), sim.act(len * cfg.d_model), Category::Stored));
-            dy.push(sim.alloc(stream("dY2"), sim.act(len * cfg.d_model), Category::Stored));
+            dy.push(sim.alloc(
+                stream("dY1"),
+                sim.stream(len * cfg.d_model),
+                Category::Stored,
+            ));
+            dy.push(sim.alloc(
+                stream("dY2"),
+                sim.stream(len * cfg.d_model),
+                Category::Stored,
+            ));
             let s = [
                 sim.talloc(format!("head concat [{c}, {w2}]"), sim.act(c * w2)),
                 sim.talloc(format!("head LN [{c}, {w2}]"), sim.act(c * w2)),
@@ -270,10 +278,12 @@ impl MemoryPlan {
         }
         if dtype != DType::F32 {
             notes.push(format!(
-                "{dtype:?} activation storage: the activation part (streams, head-layout \
-                 tensors, sorted buffers, chunk scratch) is halved; parameters, gradients, \
-                 Adam moments, per-position statistics, indices and attention tiles stay f32. \
-                 An estimate: the CPU engine stores f32 today."
+                "{dtype:?} activation storage: head-layout tensors, sorted buffers and chunk \
+                 scratch are halved; the reversible streams and their gradients, parameters, \
+                 gradients, Adam moments, per-position statistics, indices and attention tiles \
+                 stay f32. An estimate: the CPU engine stores f32. The device model stores \
+                 bf16 activations for real (`--device cuda|twin --dtype bf16`) and plans them \
+                 exactly (`DevicePlan`)."
             ));
         }
         notes.push(format!(
@@ -402,6 +412,12 @@ impl Sim {
     /// Bytes of `n` activation values (f32, or the activation storage type).
     fn act(&self, n: usize) -> usize {
         n * self.act_bytes
+    }
+
+    /// Bytes of `n` values of a reversible stream or its gradient: always f32 (the backward
+    /// reconstructs each layer's input from its output, which a bf16 stream could not).
+    fn stream(&self, n: usize) -> usize {
+        n * 4
     }
 
     fn at(&mut self, at: String) {

@@ -85,3 +85,29 @@ fn the_headline_presets_fit_their_budgets_at_2_19() {
         );
     }
 }
+
+#[test]
+fn bf16_activations_halve_the_head_layout_buffers_at_the_training_peak() {
+    // The training peak of both presets is a local-attention backward, holding five
+    // head-layout activations of one head group (q, k, v, the output and its gradient) beside
+    // the f32 streams and the f32 gradients d_q, d_k, d_v. bf16 storage halves exactly those
+    // five and nothing else there.
+    use reformer::device::DType;
+    for name in ["wide20", "deep20"] {
+        let cfg = ModelConfig::preset(name).unwrap();
+        let len = 1 << 19;
+        let f = DevicePlan::with_act_dtype(&cfg, len, true, DType::F32).unwrap();
+        let b = DevicePlan::with_act_dtype(&cfg, len, true, DType::BF16).unwrap();
+        let group = cfg.layer_configs()[0].heads_per_group() * len * cfg.d_head;
+        assert_eq!(b.peak_at, f.peak_at, "{name}");
+        assert_eq!(f.peak - b.peak, 5 * group * 2, "{name}\n{f}\n{b}");
+        assert!(b.working_set.iter().any(|(l, _)| l.contains("bf16")), "{b}");
+    }
+    assert!(DevicePlan::with_act_dtype(
+        &ModelConfig::preset("tiny").unwrap(),
+        64,
+        true,
+        DType::F16
+    )
+    .is_err());
+}

@@ -9,11 +9,15 @@
 //! bucket decided by a near-tie rotation product can differ, which moves a few gradient
 //! entries); parameters after Adam within 5% of the learning rate. `cp6` runs at 2048 tokens
 //! with 1e-3 relative on the loss (2048 positions, 6 layers, 2 LSH rounds' combination).
+//!
+//! bf16 activation storage on the GPU is compared with the f32 model (the host twin, equal to
+//! the reference) at the bf16 tolerances stated in `device_common::bf16`, and its device plan
+//! with its measured pool peak.
 
 mod device_common;
 
 use device_common::{compare, Tol};
-use reformer::device::{Backend, CudaBackend, DeviceLm};
+use reformer::device::{Backend, CudaBackend, DType, DeviceLm, HostBackend};
 use reformer::{Attention, ModelConfig, ReformerError, ReformerLm, StepContext};
 use reformer_engine::MemoryPool;
 use reformer_kernels::gpu::testing::context_for_test;
@@ -88,11 +92,46 @@ fn a_step_past_the_budget_is_a_typed_out_of_memory_error() {
 }
 
 #[test]
-fn the_device_plan_equals_the_measured_pool_peak() {
-    let Some(ctx) = context_for_test("the_device_plan_equals_the_measured_pool_peak") else {
+fn bf16_activations_on_the_gpu_stay_within_the_stated_tolerance_of_f32() {
+    let Some(b) = backend("bf16_activations_on_the_gpu_stay_within_the_stated_tolerance_of_f32")
+    else {
         return;
     };
-    let b = CudaBackend::from_context(ctx);
+    let b = b.with_act_dtype(DType::BF16).unwrap();
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    cfg.n_layers = 3;
+    cfg.attention = vec![Attention::Local, Attention::Lsh, Attention::Exact];
+    cfg.head_group = 1;
+    cfg.dropout = 0.1;
+    cfg.ff_chunk = 12;
+    cfg.loss_chunk = 7;
+    let f32_twin = HostBackend::new(&MemoryPool::unlimited());
+    device_common::bf16::compare(f32_twin, b, &cfg, 45, 7, device_common::bf16::WITH_LSH);
+}
+
+#[test]
+fn cp6_with_bf16_activations_on_the_gpu_stays_within_the_stated_tolerance_of_f32() {
+    let Some(b) =
+        backend("cp6_with_bf16_activations_on_the_gpu_stays_within_the_stated_tolerance_of_f32")
+    else {
+        return;
+    };
+    let b = b.with_act_dtype(DType::BF16).unwrap();
+    let mut cfg = ModelConfig::preset("cp6").unwrap();
+    cfg.n_rounds = 2;
+    cfg.ff_chunk = 512;
+    cfg.loss_chunk = 512;
+    let f32_twin = HostBackend::new(&MemoryPool::unlimited());
+    device_common::bf16::compare(f32_twin, b, &cfg, 2048, 3, device_common::bf16::WITH_LSH);
+}
+
+/// cp6 at 8192 tokens, two training steps on the GPU with activations in `act`: the pool's
+/// peak against the device plan's.
+fn plan_against_measurement(test: &str, act: DType) {
+    let Some(ctx) = context_for_test(test) else {
+        return;
+    };
+    let b = CudaBackend::from_context(ctx).with_act_dtype(act).unwrap();
     let mut cfg = ModelConfig::preset("cp6").unwrap();
     cfg.n_rounds = 2;
     let len = 8192;
@@ -111,11 +150,11 @@ fn the_device_plan_equals_the_measured_pool_peak() {
     }
     lm.backend().synchronize().unwrap();
     let measured = lm.backend().peak_bytes();
-    let plan = reformer::device::DevicePlan::new(&cfg, len, true).unwrap();
+    let plan = reformer::device::DevicePlan::with_act_dtype(&cfg, len, true, act).unwrap();
     let _ = std::io::Write::write_all(
         &mut std::io::stderr(),
         format!(
-            "cp6 at {len}: device pool peak {measured} B, plan {} B\n",
+            "cp6 at {len}, {act:?} activations: device pool peak {measured} B, plan {} B\n",
             plan.peak
         )
         .as_bytes(),
@@ -126,5 +165,18 @@ fn the_device_plan_equals_the_measured_pool_peak() {
         "measured {measured} B, planned {} B ({:.3}% apart)\n{plan}",
         plan.peak,
         100.0 * err
+    );
+}
+
+#[test]
+fn the_device_plan_equals_the_measured_pool_peak() {
+    plan_against_measurement("the_device_plan_equals_the_measured_pool_peak", DType::F32);
+}
+
+#[test]
+fn the_bf16_device_plan_equals_the_measured_pool_peak() {
+    plan_against_measurement(
+        "the_bf16_device_plan_equals_the_measured_pool_peak",
+        DType::BF16,
     );
 }

@@ -274,9 +274,10 @@ fn the_breakdown_adds_up_and_names_the_peak() {
     assert_eq!(inf.stored, 2 * len * cfg.d_model * 4);
     assert!(inf.total < plan.total);
 
-    // bf16 activation storage halves exactly the activations stored across the stack.
+    // bf16 activation storage keeps the reversible streams stored across the stack in f32
+    // (reconstruction needs them) and halves only the per-layer activations.
     let bf = MemoryPlan::for_training_step(&cfg, len, Device::Cpu, DType::BF16).unwrap();
-    assert_eq!(bf.stored * 2, plan.stored);
+    assert_eq!(bf.stored, plan.stored);
     assert_eq!(bf.static_bytes(), plan.static_bytes());
     assert!(bf.transient < plan.transient);
     let cuda = MemoryPlan::for_training_step(&cfg, len, Device::Cuda(0), DType::F32).unwrap();

@@ -6,11 +6,31 @@
 //! Buffers are flat `f32` arrays. A call may use a prefix of a longer buffer (chunk scratch is
 //! sized for the largest chunk), never more; 2-D views are `(offset, ld)` pairs ([`Strided`]).
 //! Every "accumulate" gradient op adds into its output.
+//!
+//! Head-layout activations — the attention's inputs (`qk`, `v`, or `q`, `k`, `v`), its output
+//! and the output's gradient — are [`Backend::Act`] buffers, stored in the backend's
+//! [`Backend::act_dtype`]: f32, or bf16 to halve them. The attention ops read them widened to
+//! f32 and accumulate in f32; what they return for the backward (gradients, logsumexps) is f32.
+//! The reversible streams, parameters, gradients and optimizer state are always f32: the
+//! backward reconstructs each layer's input from its output, which bf16 streams could not.
 
 use reformer_lsh::Rotations;
 use reformer_reversible::Dropout;
 
-use crate::error::Result;
+use crate::error::{ReformerError, Result};
+
+pub use reformer_engine::DType;
+
+/// Checks that activations can be stored in `dtype`: f32 or bf16 (the kernels widen bf16 on
+/// load; f16 has no kernels).
+pub fn check_act_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 => Ok(()),
+        other => Err(ReformerError::InvalidArgument(format!(
+            "activations can be stored in f32 or bf16, not {other:?}"
+        ))),
+    }
+}
 
 pub use reformer_kernels::gpu::ops::rows::Strided;
 
@@ -58,6 +78,8 @@ pub struct AdamHp {
 pub trait Backend {
     /// A flat `f32` buffer on the device.
     type Buf;
+    /// A flat head-layout activation buffer in [`Backend::act_dtype`].
+    type Act;
     /// What the LSH forward keeps for its backward (buckets and per-round logsumexps).
     type LshSaved;
 
@@ -78,6 +100,35 @@ pub trait Backend {
     /// Bytes in use on the device by the driver's reading (every allocator and context), where
     /// there is a driver to ask.
     fn driver_used_bytes(&self) -> Option<usize>;
+
+    /// How [`Backend::Act`] buffers are stored: [`DType::F32`] or [`DType::BF16`].
+    fn act_dtype(&self) -> DType;
+    /// An activation buffer of `shape`, contents unspecified (NaN in tests).
+    fn alloc_act(&self, shape: &[usize]) -> Result<Self::Act>;
+    /// The activation's values, widened to f32.
+    fn download_act(&self, buf: &Self::Act) -> Result<Vec<f32>>;
+    /// `dst(r, c) = src(r, c)` rounded to the activation dtype (to nearest, ties to even).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_to_act(
+        &self,
+        src: &Self::Buf,
+        s: Strided,
+        dst: &mut Self::Act,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// `dst(r, c) = src(r, c)` (exact: widening).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_from_act(
+        &self,
+        src: &Self::Act,
+        s: Strided,
+        dst: &mut Self::Buf,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
 
     /// `dst(r, c) = (accumulate ? dst(r, c) : 0) + alpha · src(r, c)`.
     #[allow(clippy::too_many_arguments)]
@@ -218,24 +269,26 @@ pub trait Backend {
         hp: &AdamHp,
     ) -> Result<()>;
 
-    /// Shared-QK LSH attention on head-layout `qk`, `v`: `(out, saved)`.
+    /// Shared-QK LSH attention on head-layout `qk`, `v`: `(out, saved)`. The attention ops'
+    /// outputs are activations (rounded once, at the end, when stored in bf16); their
+    /// gradients are f32.
     fn lsh_forward(
         &self,
-        qk: &Self::Buf,
-        v: &Self::Buf,
+        qk: &Self::Act,
+        v: &Self::Act,
         shape: HeadShape,
         rot: &Rotations,
         chunk: usize,
         causal: bool,
-    ) -> Result<(Self::Buf, Self::LshSaved)>;
+    ) -> Result<(Self::Act, Self::LshSaved)>;
     /// `(d_qk, d_v)`.
     #[allow(clippy::too_many_arguments)]
     fn lsh_backward(
         &self,
-        qk: &Self::Buf,
-        v: &Self::Buf,
-        out: &Self::Buf,
-        d_out: &Self::Buf,
+        qk: &Self::Act,
+        v: &Self::Act,
+        out: &Self::Act,
+        d_out: &Self::Act,
         saved: &Self::LshSaved,
         shape: HeadShape,
         rot: &Rotations,
@@ -246,23 +299,23 @@ pub trait Backend {
     #[allow(clippy::too_many_arguments)]
     fn local_forward(
         &self,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
         shape: HeadShape,
         chunk: usize,
         causal: bool,
-    ) -> Result<(Self::Buf, Self::Buf)>;
+    ) -> Result<(Self::Act, Self::Buf)>;
     /// `(d_q, d_k, d_v)`.
     #[allow(clippy::too_many_arguments)]
     fn local_backward(
         &self,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        out: &Self::Buf,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        out: &Self::Act,
         lse: &Self::Buf,
-        d_out: &Self::Buf,
+        d_out: &Self::Act,
         shape: HeadShape,
         chunk: usize,
         causal: bool,
@@ -270,20 +323,20 @@ pub trait Backend {
     /// Exact shared-QK attention (unit keys, self penalty): `(out, lse)`.
     fn exact_forward(
         &self,
-        qk: &Self::Buf,
-        v: &Self::Buf,
+        qk: &Self::Act,
+        v: &Self::Act,
         shape: HeadShape,
         causal: bool,
-    ) -> Result<(Self::Buf, Self::Buf)>;
+    ) -> Result<(Self::Act, Self::Buf)>;
     /// `(d_qk, d_v)`.
     #[allow(clippy::too_many_arguments)]
     fn exact_backward(
         &self,
-        qk: &Self::Buf,
-        v: &Self::Buf,
-        out: &Self::Buf,
+        qk: &Self::Act,
+        v: &Self::Act,
+        out: &Self::Act,
         lse: &Self::Buf,
-        d_out: &Self::Buf,
+        d_out: &Self::Act,
         shape: HeadShape,
         causal: bool,
     ) -> Result<(Self::Buf, Self::Buf)>;

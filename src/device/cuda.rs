@@ -11,19 +11,44 @@ use reformer_kernels::gpu::ops::layer_norm::{self, LayerNormGrads};
 use reformer_kernels::gpu::ops::reduce_adam::{self, AdamStep};
 use reformer_kernels::gpu::ops::rows;
 use reformer_kernels::gpu::ops::{elementwise, matmul, softmax_xent};
-use reformer_kernels::gpu::{DeviceBuffer, GpuContext};
+use reformer_kernels::gpu::{bf16, DeviceBuffer, GpuContext};
 use reformer_lsh::{Buckets, Rotations};
 use reformer_reversible::layer_norm::LN_EPS;
 use reformer_reversible::Dropout;
 
-use super::backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
+use super::backend::{check_act_dtype, AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
 use crate::error::{ReformerError, Result};
 
 type Buf = DeviceBuffer<f32>;
 
+/// A head-layout activation on the GPU, stored in the backend's activation dtype.
+#[derive(Debug)]
+pub enum ActBuf {
+    F32(DeviceBuffer<f32>),
+    Bf16(DeviceBuffer<bf16>),
+}
+
+/// Binds each named [`ActBuf`] to its inner buffer and runs `$body` — once typed for f32 and
+/// once for bf16 (the kernel wrappers are generic over the element) — or returns an error when
+/// the activations are of different dtypes.
+macro_rules! with_acts {
+    (($($x:ident),+) => $body:expr) => {
+        if let ($(ActBuf::F32($x)),+) = ($($x),+) {
+            $body
+        } else if let ($(ActBuf::Bf16($x)),+) = ($($x),+) {
+            $body
+        } else {
+            return Err(ReformerError::InvalidArgument(
+                "attention: activation buffers of different dtypes".into(),
+            ));
+        }
+    };
+}
+
 /// The GPU behind a [`GpuContext`].
 pub struct CudaBackend {
     ctx: GpuContext,
+    act: DType,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -42,11 +67,35 @@ impl CudaBackend {
             Some(b) => GpuContext::with_budget(ordinal, b)?,
             None => GpuContext::new(ordinal)?,
         };
-        Ok(Self { ctx })
+        Ok(Self {
+            ctx,
+            act: DType::F32,
+        })
     }
 
     pub fn from_context(ctx: GpuContext) -> Self {
-        Self { ctx }
+        Self {
+            ctx,
+            act: DType::F32,
+        }
+    }
+
+    /// Activations stored in `dtype` (f32 or bf16).
+    pub fn with_act_dtype(mut self, dtype: DType) -> Result<Self> {
+        check_act_dtype(dtype)?;
+        self.act = dtype;
+        Ok(self)
+    }
+
+    /// An attention op's f32 output as an activation: itself, or converted (round to nearest
+    /// even) into a new bf16 buffer, the f32 one freed.
+    fn store_out(&self, out: Buf) -> Result<ActBuf> {
+        if self.act == DType::F32 {
+            return Ok(ActBuf::F32(out));
+        }
+        let mut h = self.ctx.alloc::<bf16>(out.len())?;
+        elementwise::f32_to_bf16(&self.ctx, &out, &mut h)?;
+        Ok(ActBuf::Bf16(h))
     }
 
     pub fn context(&self) -> &GpuContext {
@@ -83,11 +132,63 @@ fn ids(tokens: &[u8]) -> Vec<u32> {
 
 impl Backend for CudaBackend {
     type Buf = Buf;
+    type Act = ActBuf;
     type LshSaved = GpuLshSaved;
 
     fn describe(&self) -> String {
         let i = self.ctx.info();
         format!("cuda:{} {} ({})", i.ordinal, i.name, self.ctx.arch())
+    }
+
+    fn act_dtype(&self) -> DType {
+        self.act
+    }
+
+    fn alloc_act(&self, shape: &[usize]) -> Result<ActBuf> {
+        let n = shape.iter().product();
+        Ok(match self.act {
+            DType::BF16 => ActBuf::Bf16(self.ctx.alloc::<bf16>(n)?),
+            _ => ActBuf::F32(self.ctx.alloc::<f32>(n)?),
+        })
+    }
+
+    fn download_act(&self, buf: &ActBuf) -> Result<Vec<f32>> {
+        Ok(match buf {
+            ActBuf::F32(b) => self.ctx.download(b)?,
+            ActBuf::Bf16(b) => self.ctx.download(b)?.iter().map(|x| x.to_f32()).collect(),
+        })
+    }
+
+    fn copy_to_act(
+        &self,
+        src: &Buf,
+        s: Strided,
+        dst: &mut ActBuf,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        match dst {
+            ActBuf::F32(t) => rows::copy2d(&self.ctx, src, s, t, d, rows, cols, 1.0, false)?,
+            ActBuf::Bf16(t) => rows::copy2d(&self.ctx, src, s, t, d, rows, cols, 1.0, false)?,
+        }
+        Ok(())
+    }
+
+    fn copy_from_act(
+        &self,
+        src: &ActBuf,
+        s: Strided,
+        dst: &mut Buf,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        match src {
+            ActBuf::F32(t) => rows::copy2d(&self.ctx, t, s, dst, d, rows, cols, 1.0, false)?,
+            ActBuf::Bf16(t) => rows::copy2d(&self.ctx, t, s, dst, d, rows, cols, 1.0, false)?,
+        }
+        Ok(())
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<Buf> {
@@ -376,15 +477,15 @@ impl Backend for CudaBackend {
 
     fn lsh_forward(
         &self,
-        qk: &Buf,
-        v: &Buf,
+        qk: &ActBuf,
+        v: &ActBuf,
         shape: HeadShape,
         rot: &Rotations,
         chunk: usize,
         causal: bool,
-    ) -> Result<(Buf, GpuLshSaved)> {
+    ) -> Result<(ActBuf, GpuLshSaved)> {
         let cfg = lsh_config(rot, chunk, causal);
-        Ok(lsh_attention_forward(
+        let (out, saved) = with_acts!((qk, v) => lsh_attention_forward(
             &self.ctx,
             qk,
             v,
@@ -392,15 +493,16 @@ impl Backend for CudaBackend {
             &rot.data,
             &cfg,
             None,
-        )?)
+        )?);
+        Ok((self.store_out(out)?, saved))
     }
 
     fn lsh_backward(
         &self,
-        qk: &Buf,
-        v: &Buf,
-        out: &Buf,
-        d_out: &Buf,
+        qk: &ActBuf,
+        v: &ActBuf,
+        out: &ActBuf,
+        d_out: &ActBuf,
         saved: &GpuLshSaved,
         _shape: HeadShape,
         rot: &Rotations,
@@ -408,25 +510,25 @@ impl Backend for CudaBackend {
         causal: bool,
     ) -> Result<(Buf, Buf)> {
         let cfg = lsh_config(rot, chunk, causal);
-        Ok(lsh_attention_backward(
+        Ok(with_acts!((qk, v, out, d_out) => lsh_attention_backward(
             &self.ctx, qk, v, out, d_out, saved, &cfg, None,
-        )?)
+        )?))
     }
 
     fn local_forward(
         &self,
-        q: &Buf,
-        kk: &Buf,
-        v: &Buf,
+        q: &ActBuf,
+        kk: &ActBuf,
+        v: &ActBuf,
         shape: HeadShape,
         chunk: usize,
         causal: bool,
-    ) -> Result<(Buf, Buf)> {
+    ) -> Result<(ActBuf, Buf)> {
         let cfg = GpuLocalConfig {
             chunk_len: chunk,
             causal,
         };
-        Ok(local_attention_forward(
+        let (out, lse) = with_acts!((q, kk, v) => local_attention_forward(
             &self.ctx,
             q,
             kk,
@@ -434,17 +536,18 @@ impl Backend for CudaBackend {
             dims(shape),
             &cfg,
             None,
-        )?)
+        )?);
+        Ok((self.store_out(out)?, lse))
     }
 
     fn local_backward(
         &self,
-        q: &Buf,
-        kk: &Buf,
-        v: &Buf,
-        out: &Buf,
+        q: &ActBuf,
+        kk: &ActBuf,
+        v: &ActBuf,
+        out: &ActBuf,
         lse: &Buf,
-        d_out: &Buf,
+        d_out: &ActBuf,
         shape: HeadShape,
         chunk: usize,
         causal: bool,
@@ -453,7 +556,8 @@ impl Backend for CudaBackend {
             chunk_len: chunk,
             causal,
         };
-        Ok(local_attention_backward(
+        Ok(
+            with_acts!((q, kk, v, out, d_out) => local_attention_backward(
             &self.ctx,
             q,
             kk,
@@ -464,37 +568,39 @@ impl Backend for CudaBackend {
             dims(shape),
             &cfg,
             None,
-        )?)
+        )?),
+        )
     }
 
     fn exact_forward(
         &self,
-        qk: &Buf,
-        v: &Buf,
+        qk: &ActBuf,
+        v: &ActBuf,
         shape: HeadShape,
         causal: bool,
-    ) -> Result<(Buf, Buf)> {
-        Ok(exact_shared_qk_forward(
+    ) -> Result<(ActBuf, Buf)> {
+        let (out, lse) = with_acts!((qk, v) => exact_shared_qk_forward(
             &self.ctx,
             qk,
             v,
             dims(shape),
             causal,
             None,
-        )?)
+        )?);
+        Ok((self.store_out(out)?, lse))
     }
 
     fn exact_backward(
         &self,
-        qk: &Buf,
-        v: &Buf,
-        out: &Buf,
+        qk: &ActBuf,
+        v: &ActBuf,
+        out: &ActBuf,
         lse: &Buf,
-        d_out: &Buf,
+        d_out: &ActBuf,
         shape: HeadShape,
         causal: bool,
     ) -> Result<(Buf, Buf)> {
-        Ok(exact_shared_qk_backward(
+        Ok(with_acts!((qk, v, out, d_out) => exact_shared_qk_backward(
             &self.ctx,
             qk,
             v,
@@ -504,7 +610,7 @@ impl Backend for CudaBackend {
             dims(shape),
             causal,
             None,
-        )?)
+        )?))
     }
 
     fn synchronize(&self) -> Result<()> {

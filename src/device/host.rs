@@ -4,11 +4,14 @@
 //! tested on any machine against the reference model in `reformer-reversible`.
 //!
 //! Buffers are engine [`Tensor`]s drawn from one [`MemoryPool`], so the pool's peak is the
-//! peak the same program holds on a GPU (the kernels' own scratch aside).
+//! peak the same program holds on a GPU (the kernels' own scratch aside) with f32 activations.
+//! Activations stored in bf16 are f32 tensors holding bf16-rounded values — the values the
+//! GPU's bf16 buffers hold, rounded where the GPU rounds — so the twin computes what the GPU
+//! computes; their bytes are counted at 4 per element here.
 
 use rayon::prelude::*;
 use reformer_engine::matmul::{gemm, Par};
-use reformer_engine::{MemoryPool, Tensor};
+use reformer_engine::{DType, MemoryPool, Tensor};
 use reformer_kernels::gpu::ops::rows::host as twins;
 use reformer_lsh::{
     exact_attention_backward, exact_attention_forward, local_attention_backward,
@@ -18,7 +21,7 @@ use reformer_lsh::{
 use reformer_reversible::layer_norm::{backward_row_add, normalize_row, row_stats};
 use reformer_reversible::Dropout;
 
-use super::backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
+use super::backend::{check_act_dtype, AdamHp, AxialTables, Backend, HeadShape, Strided};
 use crate::error::{ReformerError, Result};
 use crate::lm_head::cross_entropy_row;
 use crate::optim::{AdamCoefficients, AdamConfig};
@@ -29,6 +32,8 @@ pub struct HostBackend {
     pool: MemoryPool,
     /// Fill new buffers with NaN (tests: a read of an unwritten element shows).
     poison: bool,
+    /// How activations are stored (values rounded to it).
+    act: DType,
 }
 
 impl HostBackend {
@@ -36,6 +41,7 @@ impl HostBackend {
         Self {
             pool: pool.clone(),
             poison: false,
+            act: DType::F32,
         }
     }
 
@@ -44,6 +50,24 @@ impl HostBackend {
         Self {
             pool: pool.clone(),
             poison: true,
+            act: DType::F32,
+        }
+    }
+
+    /// Activations stored in `dtype` (f32 or bf16).
+    pub fn with_act_dtype(mut self, dtype: DType) -> Result<Self> {
+        check_act_dtype(dtype)?;
+        self.act = dtype;
+        Ok(self)
+    }
+
+    /// Rounds an activation's values to the storage dtype.
+    fn round_act(&self, t: &mut Tensor) {
+        if self.act != DType::F32 {
+            let act = self.act;
+            t.data_mut()
+                .par_iter_mut()
+                .for_each(|x| *x = act.round_trip(*x));
         }
     }
 
@@ -88,10 +112,55 @@ fn shaped(t: &Tensor, shape: HeadShape) -> Result<&Tensor> {
 
 impl Backend for HostBackend {
     type Buf = Tensor;
+    type Act = Tensor;
     type LshSaved = LshSaved;
 
     fn describe(&self) -> String {
         "cpu (host backend)".into()
+    }
+
+    fn act_dtype(&self) -> DType {
+        self.act
+    }
+
+    fn alloc_act(&self, shape: &[usize]) -> Result<Tensor> {
+        self.alloc(shape)
+    }
+
+    fn download_act(&self, buf: &Tensor) -> Result<Vec<f32>> {
+        Ok(buf.to_vec())
+    }
+
+    fn copy_to_act(
+        &self,
+        src: &Tensor,
+        s: Strided,
+        dst: &mut Tensor,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.copy2d(src, s, dst, d, rows, cols, 1.0, false)?;
+        if self.act != DType::F32 {
+            for r in 0..rows {
+                for x in &mut dst.data_mut()[d.offset + r * d.ld..][..cols] {
+                    *x = self.act.round_trip(*x);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_from_act(
+        &self,
+        src: &Tensor,
+        s: Strided,
+        dst: &mut Tensor,
+        d: Strided,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.copy2d(src, s, dst, d, rows, cols, 1.0, false)
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<Tensor> {
@@ -468,7 +537,9 @@ impl Backend for HostBackend {
             causal,
         };
         let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
-        Ok(lsh_attention_forward(qk, v, rot, &cfg, None)?)
+        let (mut out, saved) = lsh_attention_forward(qk, v, rot, &cfg, None)?;
+        self.round_act(&mut out);
+        Ok((out, saved))
     }
 
     fn lsh_backward(
@@ -507,7 +578,8 @@ impl Backend for HostBackend {
             causal,
         };
         let [q, k, v] = [q, k, v].map(|t| shaped(t, shape));
-        let (out, lse) = local_attention_forward(q?, k?, v?, &cfg, None)?;
+        let (mut out, lse) = local_attention_forward(q?, k?, v?, &cfg, None)?;
+        self.round_act(&mut out);
         let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
         Ok((out, lse))
     }
@@ -550,7 +622,8 @@ impl Backend for HostBackend {
     ) -> Result<(Tensor, Tensor)> {
         let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
         let k = unit_keys(qk)?;
-        let (out, lse) = exact_attention_forward(qk, &k, v, shared_qk_rule(causal), None)?;
+        let (mut out, lse) = exact_attention_forward(qk, &k, v, shared_qk_rule(causal), None)?;
+        self.round_act(&mut out);
         let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
         Ok((out, lse))
     }

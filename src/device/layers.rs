@@ -172,8 +172,35 @@ impl Group {
         }
     }
 
-    /// Head layout `[heads, len, dh]` rows `r0..r0 + c` → model layout block `[c, width]`.
+    /// For each head of the group, its rows from `r0` in head layout `[heads, len, dh]` and its
+    /// columns in the model-layout block `[c, width]`.
+    fn views(&self, r0: usize) -> impl Iterator<Item = (Strided, Strided)> {
+        let (dh, gw, len) = (self.d_head, self.width(), self.len);
+        (0..self.heads).map(move |j| {
+            (
+                Strided::new((j * len + r0) * dh, dh),
+                Strided::new(j * dh, gw),
+            )
+        })
+    }
+
+    /// Head-layout activation rows `r0..r0 + c` → model layout block `[c, width]`.
     fn gather<B: Backend>(
+        &self,
+        b: &B,
+        heads: &B::Act,
+        block: &mut B::Buf,
+        r0: usize,
+        c: usize,
+    ) -> Result<()> {
+        for (h, m) in self.views(r0) {
+            b.copy_from_act(heads, h, block, m, c, self.d_head)?;
+        }
+        Ok(())
+    }
+
+    /// Head-layout gradient rows (f32) `r0..r0 + c` → model layout block `[c, width]`.
+    fn gather_grad<B: Backend>(
         &self,
         b: &B,
         heads: &B::Buf,
@@ -181,43 +208,23 @@ impl Group {
         r0: usize,
         c: usize,
     ) -> Result<()> {
-        let (dh, gw) = (self.d_head, self.width());
-        for j in 0..self.heads {
-            b.copy2d(
-                heads,
-                Strided::new((j * self.len + r0) * dh, dh),
-                block,
-                Strided::new(j * dh, gw),
-                c,
-                dh,
-                1.0,
-                false,
-            )?;
+        for (h, m) in self.views(r0) {
+            b.copy2d(heads, h, block, m, c, self.d_head, 1.0, false)?;
         }
         Ok(())
     }
 
-    /// Model layout block `[c, width]` → head layout rows `r0..r0 + c`.
+    /// Model layout block `[c, width]` → head-layout activation rows `r0..r0 + c`.
     fn scatter<B: Backend>(
         &self,
         b: &B,
         block: &B::Buf,
-        heads: &mut B::Buf,
+        heads: &mut B::Act,
         r0: usize,
         c: usize,
     ) -> Result<()> {
-        let (dh, gw) = (self.d_head, self.width());
-        for j in 0..self.heads {
-            b.copy2d(
-                block,
-                Strided::new(j * dh, gw),
-                heads,
-                Strided::new((j * self.len + r0) * dh, dh),
-                c,
-                dh,
-                1.0,
-                false,
-            )?;
+        for (h, m) in self.views(r0) {
+            b.copy_to_act(block, m, heads, h, c, self.d_head)?;
         }
         Ok(())
     }
@@ -240,28 +247,28 @@ pub(crate) struct AttnLayer {
 /// What the attention op produced for one group, in head layout.
 enum HeadActs<B: Backend> {
     Lsh {
-        qk: B::Buf,
-        v: B::Buf,
-        out: B::Buf,
+        qk: B::Act,
+        v: B::Act,
+        out: B::Act,
         saved: B::LshSaved,
     },
     Exact {
-        qk: B::Buf,
-        v: B::Buf,
-        out: B::Buf,
+        qk: B::Act,
+        v: B::Act,
+        out: B::Act,
         lse: B::Buf,
     },
     Local {
-        q: B::Buf,
-        k: B::Buf,
-        v: B::Buf,
-        out: B::Buf,
+        q: B::Act,
+        k: B::Act,
+        v: B::Act,
+        out: B::Act,
         lse: B::Buf,
     },
 }
 
 impl<B: Backend> HeadActs<B> {
-    fn out(&self) -> &B::Buf {
+    fn out(&self) -> &B::Act {
         match self {
             HeadActs::Lsh { out, .. }
             | HeadActs::Exact { out, .. }
@@ -338,12 +345,12 @@ impl AttnLayer {
         vals: &[B::Buf],
         x: &B::Buf,
         grp: Group,
-    ) -> Result<Vec<B::Buf>> {
+    ) -> Result<Vec<B::Act>> {
         let (d, gw, chunk, len) = (self.cfg.d_model, grp.width(), self.cfg.ff_chunk, grp.len);
         let mut heads = self
             .proj
             .iter()
-            .map(|_| b.alloc(&grp.shape().dims()))
+            .map(|_| b.alloc_act(&grp.shape().dims()))
             .collect::<Result<Vec<_>>>()?;
         let c_max = chunk.min(len);
         let mut ln = LnBlock::new(b, c_max, d)?;
@@ -422,7 +429,7 @@ impl AttnLayer {
         &self,
         b: &B,
         vals: &[B::Buf],
-        o: &B::Buf,
+        o: &B::Act,
         grp: Group,
         out: &mut B::Buf,
         sign: f32,
@@ -528,11 +535,11 @@ impl AttnLayer {
         b: &B,
         vals: &[B::Buf],
         grads: &mut [B::Buf],
-        o: &B::Buf,
+        o: &B::Act,
         d_out: &B::Buf,
         grp: Group,
         ctx: &StepContext,
-    ) -> Result<B::Buf> {
+    ) -> Result<B::Act> {
         let (d, gw, chunk) = (self.cfg.d_model, grp.width(), self.cfg.ff_chunk);
         let mask = self.dropout(ctx);
         let copy = if grp.all {
@@ -549,7 +556,7 @@ impl AttnLayer {
         let c_max = chunk.min(grp.len);
         let mut m = b.alloc(&[c_max, gw])?;
         let mut g = b.alloc(&[c_max, d])?;
-        let mut d_heads = b.alloc(&grp.shape().dims())?;
+        let mut d_heads = b.alloc_act(&grp.shape().dims())?;
         for (r0, c) in blocks(grp.len, chunk) {
             grp.gather(b, o, &mut m, r0, c)?;
             rows_in(b, d_out, &mut g, r0, c, d)?;
@@ -626,7 +633,7 @@ impl AttnLayer {
         for (r0, c) in blocks(grp.len, chunk) {
             ln.load(b, vals, (self.ln_g, self.ln_b), x, r0, c, d)?;
             for (i, hg) in head_grads.iter().enumerate() {
-                grp.gather(b, hg, &mut g, r0, c)?;
+                grp.gather_grad(b, hg, &mut g, r0, c)?;
                 let (dw, w) = if grp.all {
                     (&mut grads[self.proj[i]], &vals[self.proj[i]])
                 } else {

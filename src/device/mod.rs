@@ -20,8 +20,8 @@ pub mod plan;
 pub mod select;
 pub mod train;
 
-pub use backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
-pub use cuda::CudaBackend;
+pub use backend::{AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
+pub use cuda::{ActBuf, CudaBackend};
 pub use host::HostBackend;
 pub use model::{param_specs, DeviceLm};
 pub use plan::{DevicePlan, PlanBackend};

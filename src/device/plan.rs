@@ -21,7 +21,7 @@ use reformer_kernels::gpu::ops::rows::column_sum_parts;
 use reformer_lsh::Rotations;
 use reformer_reversible::Dropout;
 
-use super::backend::{AdamHp, AxialTables, Backend, HeadShape, Strided};
+use super::backend::{check_act_dtype, AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
 use super::model::DeviceLm;
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -91,6 +91,7 @@ pub struct PlanLshSaved {
 #[derive(Clone, Default)]
 pub struct PlanBackend {
     reg: Rc<RefCell<Registry>>,
+    act: DType,
 }
 
 impl fmt::Debug for PlanBackend {
@@ -106,6 +107,37 @@ impl fmt::Debug for PlanBackend {
 impl PlanBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Plans activations stored in `dtype` (f32 or bf16).
+    pub fn with_act_dtype(mut self, dtype: DType) -> Result<Self> {
+        check_act_dtype(dtype)?;
+        self.act = dtype;
+        Ok(self)
+    }
+
+    /// An activation buffer of `len` elements.
+    fn act_token(&self, label: String, len: usize) -> PlanBuf {
+        let label = if self.act == DType::F32 {
+            label
+        } else {
+            format!("{label} {:?}", self.act).to_lowercase()
+        };
+        self.token(label, len, self.act.size_in_bytes())
+    }
+
+    /// What an attention op does with its f32 output: returns it as the activation, or, with
+    /// bf16 activations, converts it into a new bf16 buffer and frees it.
+    fn store_out(&self, out: PlanBuf, s: HeadShape) -> PlanBuf {
+        if self.act == DType::F32 {
+            return out;
+        }
+        let stored = self.act_token(
+            format!("attention out [{}, {}, {}]", s.heads, s.len, s.d),
+            s.numel(),
+        );
+        drop(out);
+        stored
     }
 
     fn token(&self, label: String, len: usize, elem: usize) -> PlanBuf {
@@ -157,10 +189,47 @@ fn shape_label(shape: &[usize]) -> String {
 
 impl Backend for PlanBackend {
     type Buf = PlanBuf;
+    type Act = PlanBuf;
     type LshSaved = PlanLshSaved;
 
     fn describe(&self) -> String {
         "plan (dry run of the CUDA backend's allocations)".into()
+    }
+
+    fn act_dtype(&self) -> DType {
+        self.act
+    }
+
+    fn alloc_act(&self, shape: &[usize]) -> Result<PlanBuf> {
+        Ok(self.act_token(shape_label(shape), shape.iter().product()))
+    }
+
+    fn download_act(&self, buf: &PlanBuf) -> Result<Vec<f32>> {
+        Ok(vec![0.0; buf.len])
+    }
+
+    fn copy_to_act(
+        &self,
+        _src: &PlanBuf,
+        _s: Strided,
+        _dst: &mut PlanBuf,
+        _d: Strided,
+        _rows: usize,
+        _cols: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn copy_from_act(
+        &self,
+        _src: &PlanBuf,
+        _s: Strided,
+        _dst: &mut PlanBuf,
+        _d: Strided,
+        _rows: usize,
+        _cols: usize,
+    ) -> Result<()> {
+        Ok(())
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<PlanBuf> {
@@ -398,7 +467,7 @@ impl Backend for PlanBackend {
         );
         drop(perm);
         Ok((
-            out,
+            self.store_out(out, s),
             PlanLshSaved {
                 _buckets: buckets,
                 _lse: lse,
@@ -438,7 +507,7 @@ impl Backend for PlanBackend {
     ) -> Result<(PlanBuf, PlanBuf)> {
         let out = self.heads("attention out", s);
         let lse = self.f32s("logsumexp", s.heads * s.len);
-        Ok((out, lse))
+        Ok((self.store_out(out, s), lse))
     }
 
     fn local_backward(
@@ -470,7 +539,7 @@ impl Backend for PlanBackend {
     ) -> Result<(PlanBuf, PlanBuf)> {
         let out = self.heads("attention out", s);
         let lse = self.f32s("logsumexp", s.heads * s.len);
-        Ok((out, lse))
+        Ok((self.store_out(out, s), lse))
     }
 
     fn exact_backward(
@@ -497,6 +566,8 @@ impl Backend for PlanBackend {
 pub struct DevicePlan {
     pub training: bool,
     pub len: usize,
+    /// How the activations are stored.
+    pub act: DType,
     pub parameters: usize,
     pub gradients: usize,
     pub optimizer: usize,
@@ -511,9 +582,19 @@ pub struct DevicePlan {
 impl DevicePlan {
     /// One training step (forward, backward, Adam; the optimizer's moments exist, as from the
     /// second step on) or one forward pass with the loss, of `cfg` over `len` tokens, on the
-    /// CUDA backend.
+    /// CUDA backend, with f32 activations.
     pub fn new(cfg: &ModelConfig, len: usize, training: bool) -> Result<Self> {
-        let backend = PlanBackend::new();
+        Self::with_act_dtype(cfg, len, training, DType::F32)
+    }
+
+    /// As [`DevicePlan::new`], with activations stored in `act` (f32 or bf16).
+    pub fn with_act_dtype(
+        cfg: &ModelConfig,
+        len: usize,
+        training: bool,
+        act: DType,
+    ) -> Result<Self> {
+        let backend = PlanBackend::new().with_act_dtype(act)?;
         let reg = Rc::clone(&backend.reg);
         let mut lm = DeviceLm::for_config(backend, cfg)?;
         let params = reg.borrow().live;
@@ -546,6 +627,7 @@ impl DevicePlan {
         Ok(Self {
             training,
             len,
+            act,
             parameters: params / 2,
             gradients: params / 2,
             optimizer: if training { params } else { 0 },
@@ -560,13 +642,14 @@ impl fmt::Display for DevicePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "device plan (CUDA backend, dry run): one {}, {} positions",
+            "device plan (CUDA backend, dry run): one {}, {} positions, {} activations",
             if self.training {
                 "training step (forward, backward, Adam)"
             } else {
                 "forward pass with the loss"
             },
-            self.len
+            self.len,
+            format!("{:?}", self.act).to_lowercase()
         )?;
         writeln!(
             f,
