@@ -9,6 +9,7 @@
 //! ```text
 //! cargo run --release --example bench_attention -- --out bench/out                # auto device
 //! bench_attention --device cuda --exact-budget 120 --also torch/attention.json    # GPU + torch rows
+//! bench_attention --device cuda --dtype bf16 --out bench/out/bf16                  # bf16 storage
 //! ```
 //!
 //! `--device auto` (the default) uses the GPU when `reformer_kernels::probe` finds one usable
@@ -16,6 +17,16 @@
 //! is an error. On the GPU the stream is synchronised before and after every timed region, the
 //! peak is the context's device pool's (reset before each case) and the driver's
 //! `cuMemGetInfo` reading is recorded beside it. Times are medians.
+//!
+//! `--dtype bf16` (GPU only; default f32) measures the attention as the model's CUDA backend
+//! runs it with bf16 activations (`--dtype bf16` of `long_context` and `train_text`): the inputs
+//! (qk, v, local's k and the upstream gradient) are uploaded as bf16 (each host value rounded
+//! with `bf16::from_f32`), the kernels read them directly, and every timed pass converts the
+//! forward's f32 output to bf16 and frees the f32 one (as `store_out` does), the backward then
+//! reading bf16 qk, v, output and upstream gradient; gradients, log-sum-exps and the LSH saved
+//! state stay f32. Its rows carry dtype `bf16`. The CPU attention runs f32 only: `--device cpu
+//! --dtype bf16` is an error, and `--device auto` falling back to the CPU says so and runs f32
+//! (rows with dtype `f32`).
 //!
 //! `--also FILE` (repeatable) reads rows in this program's JSON schema — e.g. from
 //! `scripts/bench_torch_attention.py` — and puts them in the chart and the comparison, so one
@@ -39,7 +50,8 @@ use reformer_engine::{MemoryPool, Rng, Tensor};
 use reformer_kernels::gpu::attention::{
     self as gpu_attn, AttnDims, GpuLocalConfig, GpuLshConfig, LshBuckets,
 };
-use reformer_kernels::gpu::{DeviceBuffer, GpuContext};
+use reformer_kernels::gpu::ops::elementwise::f32_to_bf16;
+use reformer_kernels::gpu::{bf16, ActElem, DeviceBuffer, GpuContext};
 use reformer_lsh::{
     exact_attention_backward, exact_attention_forward, local_attention_backward,
     local_attention_forward, lsh_attention_backward, lsh_attention_forward, shared_qk_grad,
@@ -56,6 +68,24 @@ enum DeviceArg {
     Auto,
 }
 
+/// How the GPU path stores activations (the CPU path runs f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+impl DtypeArg {
+    fn name(self) -> &'static str {
+        match self {
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+        }
+    }
+}
+
+const CPU_BF16: &str = "the CPU attention runs f32; bf16 storage is measured with --device cuda";
+
 struct Args {
     min_log2: u32,
     max_log2: u32,
@@ -67,16 +97,22 @@ struct Args {
     exact_budget: f64,
     reps: Option<usize>,
     device: DeviceArg,
+    dtype: DtypeArg,
     also: Vec<PathBuf>,
     out: PathBuf,
 }
 
-const HELP: &str = "bench_attention [--device auto|cpu|cuda] [--min-log2 10] [--max-log2 19] \
-[--heads 2] [--d 64] [--chunk 64] [--rounds 1,2,4] [--no-local] [--exact-budget SECONDS] \
-[--reps N] [--also ROWS.json]... [--out DIR]
+const HELP: &str = "bench_attention [--device auto|cpu|cuda] [--dtype f32|bf16] [--min-log2 10] \
+[--max-log2 19] [--heads 2] [--d 64] [--chunk 64] [--rounds 1,2,4] [--no-local] \
+[--exact-budget SECONDS] [--reps N] [--also ROWS.json]... [--out DIR]
 
   --device        auto: the GPU when one is usable, else the CPU (default); cpu; cuda (error
                   without a usable GPU)
+  --dtype         activation storage on the GPU: f32 (default) or bf16 (inputs uploaded as
+                  bf16, the forward's output converted to bf16 inside the timed pass and read
+                  as bf16 by the backward, as the model's CUDA backend does; rows say bf16).
+                  The CPU attention runs f32: with --device cpu, bf16 is an error; when
+                  --device auto falls back to the CPU it says so and runs f32
   --exact-budget  exact attention stops before a length whose predicted time (all its
                   repetitions, forward and forward+backward) passes this many seconds; 0 skips
                   it (default 300)
@@ -97,6 +133,7 @@ fn parse_args() -> Result<Args, String> {
         exact_budget: 300.0,
         reps: None,
         device: DeviceArg::Auto,
+        dtype: DtypeArg::F32,
         also: Vec::new(),
         out: PathBuf::from("target/bench_attention"),
     };
@@ -128,6 +165,13 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(bad(&format!("`{other}` (cpu, cuda or auto)"))),
                 }
             }
+            "--dtype" => {
+                a.dtype = match val()?.as_str() {
+                    "f32" => DtypeArg::F32,
+                    "bf16" => DtypeArg::Bf16,
+                    other => return Err(bad(&format!("`{other}` (f32 or bf16)"))),
+                }
+            }
             "--also" => a.also.push(PathBuf::from(val()?)),
             "--out" => a.out = PathBuf::from(val()?),
             "-h" | "--help" => {
@@ -151,6 +195,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if a.reps == Some(0) {
         return Err("--reps must be at least 1".into());
+    }
+    if a.dtype == DtypeArg::Bf16 && a.device == DeviceArg::Cpu {
+        return Err(format!("--dtype bf16 with --device cpu: {CPU_BF16}"));
     }
     Ok(a)
 }
@@ -434,11 +481,12 @@ fn lsh_kind(rounds: usize) -> String {
     format!("lsh r={rounds}")
 }
 
-fn base_row(args: &Args, backend: &Backend, kind: &str, len: usize) -> Row {
+/// A row of `kind` at `len` before measuring; `dtype`: how its activations are stored.
+fn base_row(args: &Args, backend: &Backend, dtype: &str, kind: &str, len: usize) -> Row {
     Row {
         kind: kind.to_string(),
         device: backend.name().to_string(),
-        dtype: "f32".into(),
+        dtype: dtype.to_string(),
         len,
         heads: args.heads,
         d_k: args.d,
@@ -520,7 +568,7 @@ fn bench_length_cpu(
             Ok(())
         };
         let m = measure(reps(true), 0, &counters, &mut |b| timed(&run, b));
-        rows.push(finish_row(base_row(args, backend, "exact", len), m));
+        rows.push(finish_row(base_row(args, backend, "f32", "exact", len), m));
     }
     for &rounds in &args.rounds {
         let kind = lsh_kind(rounds);
@@ -542,7 +590,7 @@ fn bench_length_cpu(
             Ok(())
         };
         let m = measure(reps(false), 0, &counters, &mut |b| timed(&run, b));
-        rows.push(finish_row(base_row(args, backend, &kind, len), m));
+        rows.push(finish_row(base_row(args, backend, "f32", &kind, len), m));
     }
     if args.local && !plan.dead.contains("local") {
         // Local attention has separate keys: they count in its peak only.
@@ -561,7 +609,7 @@ fn bench_length_cpu(
             Ok(())
         };
         let m = measure(reps(false), 0, &counters, &mut |b| timed(&run, b));
-        rows.push(finish_row(base_row(args, backend, "local", len), m));
+        rows.push(finish_row(base_row(args, backend, "f32", "local", len), m));
     }
     Ok(rows)
 }
@@ -573,8 +621,40 @@ fn gpu_buckets(b: &Buckets) -> LshBuckets {
     }
 }
 
-/// Every case of one length on the GPU.
-fn bench_length_gpu(
+/// How an activation is stored on the GPU: f32, or bf16 as the model's CUDA backend stores
+/// it with `--dtype bf16`.
+trait BenchElem: ActElem {
+    /// The rows' `dtype`.
+    const NAME: &'static str;
+
+    /// An attention forward's f32 output as a stored activation, as the model's `store_out`
+    /// does it: itself, or converted (round to nearest even) into a new bf16 buffer, the f32
+    /// one freed.
+    fn store_out(ctx: &GpuContext, out: DeviceBuffer<f32>) -> Result<DeviceBuffer<Self>, BoxError>;
+}
+
+impl BenchElem for f32 {
+    const NAME: &'static str = "f32";
+
+    fn store_out(_: &GpuContext, out: DeviceBuffer<f32>) -> Result<DeviceBuffer<f32>, BoxError> {
+        Ok(out)
+    }
+}
+
+impl BenchElem for bf16 {
+    const NAME: &'static str = "bf16";
+
+    fn store_out(ctx: &GpuContext, out: DeviceBuffer<f32>) -> Result<DeviceBuffer<bf16>, BoxError> {
+        let mut h = ctx.alloc::<bf16>(out.len())?;
+        f32_to_bf16(ctx, &out, &mut h)?;
+        drop(out);
+        Ok(h)
+    }
+}
+
+/// Every case of one length on the GPU, activations (inputs, the forward's stored output, the
+/// upstream gradient) in `T`.
+fn bench_length_gpu<T: BenchElem>(
     args: &Args,
     backend: &Backend,
     ctx: &GpuContext,
@@ -585,10 +665,13 @@ fn bench_length_gpu(
     let dims = AttnDims::new(args.heads, len, args.d);
     ctx.synchronize()?;
     let driver_base = ctx.memory_report()?.driver_used();
-    let randn = |rng: &mut Rng| -> Result<DeviceBuffer<f32>, BoxError> {
+    // Drawn in f32 (the same values for both dtypes), then stored as `T`: bf16 rounds each
+    // value to nearest even (`bf16::from_f32`).
+    let randn = |rng: &mut Rng| -> Result<DeviceBuffer<T>, BoxError> {
         let mut host = vec![0.0f32; dims.numel()];
         rng.fill_normal(&mut host, 1.0);
-        Ok(ctx.upload(&host)?)
+        let stored: Vec<T> = host.into_iter().map(T::narrow).collect();
+        Ok(ctx.upload(&stored)?)
     };
     let qk = randn(rng)?;
     let v = randn(rng)?;
@@ -609,8 +692,9 @@ fn bench_length_gpu(
     // One untimed pass for a kind's first length (kernel loading, allocator) and for short
     // lengths, where it costs nothing.
     let warmup = |kind: &str| usize::from(!plan.warmed.contains(kind) || len <= 1 << 14);
-    // Synchronise, run, synchronise: the timed region holds exactly the pass; the driver is
-    // read while the pass's outputs are still live.
+    // Synchronise, run, synchronise: the timed region holds exactly the pass (with bf16, the
+    // conversion of the forward's output too); the driver is read while the pass's outputs are
+    // still live.
     let timed = |f: &dyn Fn(bool) -> Result<Box<dyn std::any::Any>, BoxError>, backward: bool| {
         ctx.synchronize()?;
         let t = Instant::now();
@@ -628,6 +712,7 @@ fn bench_length_gpu(
     if plan.exact && !plan.dead.contains("exact") {
         let run = |backward: bool| -> Result<Box<dyn std::any::Any>, BoxError> {
             let (o, lse) = gpu_attn::exact_shared_qk_forward(ctx, &qk, &v, dims, true, None)?;
+            let o = T::store_out(ctx, o)?;
             if backward {
                 let grads = gpu_attn::exact_shared_qk_backward(
                     ctx, &qk, &v, &o, &lse, &g, dims, true, None,
@@ -639,7 +724,10 @@ fn bench_length_gpu(
         let m = measure(reps(true), warmup("exact"), &counters, &mut |b| {
             timed(&run, b)
         });
-        rows.push(finish_row(base_row(args, backend, "exact", len), m));
+        rows.push(finish_row(
+            base_row(args, backend, T::NAME, "exact", len),
+            m,
+        ));
     }
     for &rounds in &args.rounds {
         let kind = lsh_kind(rounds);
@@ -657,6 +745,7 @@ fn bench_length_gpu(
         let run = |backward: bool| -> Result<Box<dyn std::any::Any>, BoxError> {
             let (o, saved) =
                 gpu_attn::lsh_attention_forward(ctx, &qk, &v, dims, &rot.data, &cfg, None)?;
+            let o = T::store_out(ctx, o)?;
             if backward {
                 let grads =
                     gpu_attn::lsh_attention_backward(ctx, &qk, &v, &o, &g, &saved, &cfg, None)?;
@@ -667,7 +756,7 @@ fn bench_length_gpu(
         let m = measure(reps(false), warmup(&kind), &counters, &mut |b| {
             timed(&run, b)
         });
-        rows.push(finish_row(base_row(args, backend, &kind, len), m));
+        rows.push(finish_row(base_row(args, backend, T::NAME, &kind, len), m));
     }
     if args.local && !plan.dead.contains("local") {
         let k = randn(rng)?;
@@ -677,6 +766,7 @@ fn bench_length_gpu(
         };
         let run = |backward: bool| -> Result<Box<dyn std::any::Any>, BoxError> {
             let (o, lse) = gpu_attn::local_attention_forward(ctx, &qk, &k, &v, dims, &cfg, None)?;
+            let o = T::store_out(ctx, o)?;
             if backward {
                 let grads = gpu_attn::local_attention_backward(
                     ctx, &qk, &k, &v, &o, &lse, &g, dims, &cfg, None,
@@ -688,7 +778,10 @@ fn bench_length_gpu(
         let m = measure(reps(false), warmup("local"), &counters, &mut |b| {
             timed(&run, b)
         });
-        rows.push(finish_row(base_row(args, backend, "local", len), m));
+        rows.push(finish_row(
+            base_row(args, backend, T::NAME, "local", len),
+            m,
+        ));
     }
     Ok(rows)
 }
@@ -725,12 +818,16 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), BoxError> {
-    let args = parse_args()?;
+    let mut args = parse_args()?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let also = read_also(&args.also)?;
     let threads = rayon::current_num_threads();
     let backend = open_backend(args.device, threads)?;
+    if args.dtype == DtypeArg::Bf16 && !backend.is_gpu() {
+        println!("bench_attention: --dtype bf16 ignored on the CPU ({CPU_BF16}): running f32");
+        args.dtype = DtypeArg::F32;
+    }
     if let Backend::Cuda { ctx, name } = &backend {
         // Compile every kernel family now, so no timed pass pays for NVRTC. A family that does
         // not compile is reported here; the attention families are compiled again (and any
@@ -746,10 +843,17 @@ fn run() -> Result<(), BoxError> {
             ctx.memory_report()?
         );
     }
+    let stored = match args.dtype {
+        DtypeArg::F32 => "f32 activations",
+        DtypeArg::Bf16 => {
+            "bf16 activations (inputs, stored output, d_out; each pass converts the forward's \
+             f32 output to bf16)"
+        }
+    };
     println!(
-        "bench_attention on {}: {} heads × d_k {}, chunk {}, rounds {:?}; times are medians; \
-         peaks include the inputs (qk, v, d_out; local adds k); exact/this: the fastest exact \
-         attention at that length (ours or --also rows) over this row",
+        "bench_attention on {}: {stored}, {} heads × d_k {}, chunk {}, rounds {:?}; times are \
+         medians; peaks include the inputs (qk, v, d_out; local adds k); exact/this: the fastest \
+         exact attention at that length (ours or --also rows) over this row",
         backend.name(),
         args.heads,
         args.d,
@@ -800,7 +904,10 @@ fn run() -> Result<(), BoxError> {
         };
         let here = match &backend {
             Backend::Cpu { .. } => bench_length_cpu(&args, &backend, &plan, &mut rng),
-            Backend::Cuda { ctx, .. } => bench_length_gpu(&args, &backend, ctx, &plan, &mut rng),
+            Backend::Cuda { ctx, .. } => match args.dtype {
+                DtypeArg::F32 => bench_length_gpu::<f32>(&args, &backend, ctx, &plan, &mut rng),
+                DtypeArg::Bf16 => bench_length_gpu::<bf16>(&args, &backend, ctx, &plan, &mut rng),
+            },
         };
         let here = match here {
             Ok(h) => h,
@@ -857,22 +964,31 @@ fn run() -> Result<(), BoxError> {
     Ok(())
 }
 
-/// For every exact kind (ours and `--also`) against every LSH setting: the crossover (the
-/// shortest length from which LSH is faster at every length both measured) and the ratio at
-/// 2^16 and 2^19, forward+backward.
+/// `[device]`, or `[device; dtype]` when the row says its dtype.
+fn device_tag(device: &str, dtype: &str) -> String {
+    if dtype.is_empty() {
+        format!("[{device}]")
+    } else {
+        format!("[{device}; {dtype}]")
+    }
+}
+
+/// For every exact kind (ours and `--also`, by device and dtype) against every LSH setting of
+/// this run: the crossover (the shortest length from which LSH is faster at every length both
+/// measured) and the ratio at 2^16 and 2^19, forward+backward.
 fn print_comparison(rows: &[Row], also: &[Row]) {
     let all: Vec<&Row> = rows.iter().chain(also).filter(|r| r.ok()).collect();
-    let mut exact_kinds: Vec<(String, String)> = all
+    let mut exact_kinds: Vec<(String, String, String)> = all
         .iter()
         .filter(|r| r.is_exact())
-        .map(|r| (r.kind.clone(), r.device.clone()))
+        .map(|r| (r.kind.clone(), r.device.clone(), r.dtype.clone()))
         .collect();
     exact_kinds.sort();
     exact_kinds.dedup();
-    let mut lsh_kinds: Vec<String> = rows
+    let mut lsh_kinds: Vec<(String, String)> = rows
         .iter()
         .filter(|r| r.kind.starts_with("lsh") && r.ok())
-        .map(|r| r.kind.clone())
+        .map(|r| (r.kind.clone(), r.dtype.clone()))
         .collect();
     lsh_kinds.sort();
     lsh_kinds.dedup();
@@ -880,13 +996,16 @@ fn print_comparison(rows: &[Row], also: &[Row]) {
         return;
     }
     println!("\nforward+backward, exact time / LSH time (> 1: LSH faster):");
-    for (ek, edev) in &exact_kinds {
-        for lk in &lsh_kinds {
+    for (ek, edev, edt) in &exact_kinds {
+        for (lk, ldt) in &lsh_kinds {
             let mut pairs: Vec<(usize, f64)> = Vec::new();
-            for e in all.iter().filter(|r| &r.kind == ek && &r.device == edev) {
+            for e in all
+                .iter()
+                .filter(|r| &r.kind == ek && &r.device == edev && &r.dtype == edt)
+            {
                 if let Some(l) = rows
                     .iter()
-                    .find(|r| &r.kind == lk && r.len == e.len && r.ok())
+                    .find(|r| &r.kind == lk && &r.dtype == ldt && r.len == e.len && r.ok())
                 {
                     if let (Some(te), Some(tl)) = (e.fwd_bwd_s, l.fwd_bwd_s) {
                         pairs.push((e.len, te / tl));
@@ -909,9 +1028,15 @@ fn print_comparison(rows: &[Row], also: &[Row]) {
                     .unwrap_or_else(|| "-".into())
             };
             let (last_len, last_ratio) = pairs[pairs.len() - 1];
+            let lsh_tag = if ldt.is_empty() {
+                String::new()
+            } else {
+                format!(" [{ldt}]")
+            };
             println!(
-                "  {ek} [{edev}] vs {lk}: crossover {crossover}; at 2^16 {}; at 2^19 {}; longest \
-                 common 2^{} {:.1}x",
+                "  {ek} {} vs {lk}{lsh_tag}: crossover {crossover}; at 2^16 {}; at 2^19 {}; \
+                 longest common 2^{} {:.1}x",
+                device_tag(edev, edt),
                 at(16),
                 at(19),
                 last_len.trailing_zeros(),
@@ -943,7 +1068,7 @@ fn write_outputs(
     write("attention.json", &(json + "\n"))?;
     let chart: Vec<&Row> = rows.iter().chain(also).collect();
     let title = if backend.is_gpu() {
-        format!("GPU: {}", backend.name())
+        format!("GPU: {}, {}", backend.name(), args.dtype.name())
     } else {
         "CPU".to_string()
     };
@@ -952,19 +1077,30 @@ fn write_outputs(
 }
 
 /// A log–log chart of forward+backward time per token against length, one line per kind
-/// (and device, when the rows come from more than one).
+/// (and device, and dtype, when the rows come from more than one).
 fn svg_chart(rows: &[&Row], title: &str) -> String {
     let (w, h, left, right, top, bottom) = (820.0, 480.0, 80.0, 230.0, 40.0, 60.0);
     let rows: Vec<&Row> = rows.iter().copied().filter(|r| r.ok()).collect();
-    let mut devices: Vec<&str> = rows.iter().map(|r| r.device.as_str()).collect();
-    devices.sort();
-    devices.dedup();
+    let distinct = |f: fn(&Row) -> &str| {
+        let mut v: Vec<&str> = rows.iter().map(|r| f(r)).collect();
+        v.sort();
+        v.dedup();
+        v.len()
+    };
+    let n_devices = distinct(|r| r.device.as_str());
+    let n_dtypes = distinct(|r| r.dtype.as_str());
     let label = |r: &Row| {
-        if devices.len() > 1 {
-            let short: String = r.device.chars().take(24).collect();
-            format!("{} [{short}]", r.kind)
-        } else {
+        let mut tags: Vec<String> = Vec::new();
+        if n_devices > 1 {
+            tags.push(r.device.chars().take(24).collect());
+        }
+        if n_dtypes > 1 && !r.dtype.is_empty() {
+            tags.push(r.dtype.clone());
+        }
+        if tags.is_empty() {
             r.kind.clone()
+        } else {
+            format!("{} [{}]", r.kind, tags.join(", "))
         }
     };
     let pts: Vec<(f64, f64)> = rows
@@ -1012,7 +1148,7 @@ fn svg_chart(rows: &[&Row], title: &str) -> String {
     );
     let colors = [
         "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
-        "#7f7f7f", "#bcbd22",
+        "#7f7f7f", "#bcbd22", "#393b79", "#637939", "#843c39", "#7b4173",
     ];
     let mut labels: Vec<String> = rows.iter().map(|r| label(r)).collect();
     labels.sort();

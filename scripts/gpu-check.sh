@@ -15,6 +15,9 @@
 #             (e.g. parity=model), to split the phase over two calls
 #   bench     scripts/bench_torch_attention.py (SDPA flash, bf16), then bench_attention
 #             --device cuda with the torch rows merged into its chart (2^10 … 2^19)
+#   bench16   bench_attention --device cuda --dtype bf16 (bf16 activation storage, as the
+#             model's --dtype bf16) with the torch rows and our f32 rows (from bench, when
+#             present) merged into its chart, in bench/bf16/
 #   step      the whole-step comparison at 2^14, 2^15, 2^16: scripts/bench_torch_step.py (cp6,
 #             wide20; plain and with checkpointing) and our long_context training steps of cp6
 #             and wide20 at the same lengths
@@ -37,7 +40,8 @@
 #   gpu-check.json        the device, driver, libraries, commit, and every run so far
 #                         (rewritten after every run)
 #   nvidia-smi.txt        nvidia-smi at the start of each invocation and after each phase
-#   bench/                attention.{csv,json,svg} (ours, chart with torch), torch/attention.*
+#   bench/                attention.{csv,json,svg} (ours, chart with torch), torch/attention.*,
+#                         bf16/attention.{csv,json,svg} (ours in bf16, chart with torch and f32)
 #   step/                 torch_step*.json, long_context-<preset>-<len>-<precision>.json
 # Exit status: 0 when every run passed (skips by deadline count as failures), 2 when nothing
 # was staged.
@@ -68,15 +72,15 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --) shift; libtest_args=("$@"); break ;;
         -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        env|parity|bench|step|long|sweep|cpu-tests) phases+=("$1") ;;
+        env|parity|bench|bench16|step|long|sweep|cpu-tests) phases+=("$1") ;;
         parity=*) phases+=(parity); parity_pattern="${1#parity=}" ;;
-        all) phases+=(env parity bench step long sweep) ;;
-        *) echo "gpu-check: unknown phase '$1' (env parity bench step long sweep all cpu-tests)" >&2
+        all) phases+=(env parity bench bench16 step long sweep) ;;
+        *) echo "gpu-check: unknown phase '$1' (env parity bench bench16 step long sweep all cpu-tests)" >&2
            exit 2 ;;
     esac
     shift
 done
-[[ ${#phases[@]} -gt 0 ]] || phases=(env parity bench step long sweep)
+[[ ${#phases[@]} -gt 0 ]] || phases=(env parity bench bench16 step long sweep)
 
 mkdir -p "$out"
 log_file="$out/gpu-check.log"
@@ -376,6 +380,8 @@ phase_cpu_tests() {
     done
 }
 
+# bench: torch SDPA rows, then ours in f32 (torch rows in its chart). A run cut short keeps the
+# lengths it finished (bench_attention rewrites its files after every length).
 phase_bench() {
     local dir="$out/bench"
     mkdir -p "$dir/torch"
@@ -387,6 +393,20 @@ phase_bench() {
     [[ -f "$dir/torch/attention.json" ]] && also=(--also "$dir/torch/attention.json")
     run_one bench bench_attention 330 "$dir/attention.json" \
         "$(example bench_attention)" --device cuda --exact-budget 100 --out "$dir" "${also[@]}"
+}
+
+# bench16: ours with bf16 activations; the torch rows and our f32 rows (from the bench phase,
+# when present) in its chart.
+phase_bench16() {
+    local dir="$out/bench"
+    mkdir -p "$dir/bf16"
+    need_stage || { record bench16 "stage" "fail" 2 0 "no staged binaries" ""; return; }
+    local also=()
+    [[ -f "$dir/torch/attention.json" ]] && also+=(--also "$dir/torch/attention.json")
+    [[ -f "$dir/attention.json" ]] && also+=(--also "$dir/attention.json")
+    run_one bench16 bench_attention-bf16 330 "$dir/bf16/attention.json" \
+        "$(example bench_attention)" --device cuda --dtype bf16 --exact-budget 100 \
+        --out "$dir/bf16" "${also[@]}"
 }
 
 # long_context PHASE PRESET LEN TIMEOUT PRECISION EXTRA-ARGS...: PRECISION f32 (full f32
@@ -451,6 +471,7 @@ for phase in "${phases[@]}"; do
         env) phase_env ;;
         parity) phase_parity ;;
         bench) phase_bench ;;
+        bench16) phase_bench16 ;;
         step) phase_step ;;
         long) phase_long ;;
         sweep) phase_sweep ;;
