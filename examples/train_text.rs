@@ -31,6 +31,8 @@ use reformer_engine::{DType, MemoryPool};
 
 const DEFAULT_TEXT: &str = "data/shakespeare.txt";
 const DEFAULT_STEPS: u64 = 2000;
+/// Steps timed before a --minutes budget sets the schedule's length.
+const SCHEDULE_FIT_STEPS: u64 = 10;
 /// Validation tokens per evaluation unless --eval-windows says otherwise.
 const EVAL_TOKENS: usize = 16384;
 
@@ -284,7 +286,10 @@ struct Args {
     /// resuming; a different value given with --resume stretches the schedule].
     #[arg(long)]
     steps: Option<u64>,
-    /// Stop after this many minutes of training (checkpointing first).
+    /// Stop after this many minutes of training (checkpointing first). On a fresh run without
+    /// --steps, the schedule is fitted to the budget: after 10, 20, 40, ... steps the cosine
+    /// decay's length is set to the steps the remaining time allows at the pace so far (5%
+    /// spare for evaluation), so the run ends at the end of its schedule, not partway down it.
     #[arg(long)]
     minutes: Option<f64>,
     /// Evaluate on the validation split every this many steps (0: only at the end).
@@ -475,7 +480,7 @@ fn run(args: &Args) -> AnyResult<()> {
     if eval_len == 0 || eval_len > cfg.max_len() {
         return Err(format!("--eval-len {eval_len} must lie in 1..={}", cfg.max_len()).into());
     }
-    let total = trainer.state().schedule.total_steps;
+    let mut total = trainer.state().schedule.total_steps;
     eprintln!(
         "{}: {} train / {} validation bytes; {} layers, d_model {}, {} parameters; {} windows of \
          {seq_len} tokens per step; steps {}..{total}",
@@ -518,6 +523,10 @@ fn run(args: &Args) -> AnyResult<()> {
 
     let start = Instant::now();
     let deadline = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+    // The schedule follows the time budget on a fresh run that did not fix --steps.
+    let fit_schedule = deadline.filter(|_| args.resume.is_none() && args.steps.is_none());
+    let first_step = trainer.state().step;
+    let mut next_fit = SCHEDULE_FIT_STEPS;
     let save_every = args.save_every.unwrap_or(args.eval_every);
     let mut smooth: Option<f32> = None;
     let mut run_tokens = 0u64;
@@ -548,6 +557,28 @@ fn run(args: &Args) -> AnyResult<()> {
         pb.set_position(trainer.state().step);
 
         let step = trainer.state().step;
+        if let Some(budget) = fit_schedule.filter(|_| step - first_step == next_fit) {
+            next_fit *= 2;
+            let per_step = start.elapsed().as_secs_f64() / (step - first_step) as f64;
+            let left = budget.as_secs_f64() - start.elapsed().as_secs_f64();
+            let fitted = step + (0.95 * left / per_step).max(1.0) as u64;
+            if fitted != total {
+                trainer.state_mut().schedule.total_steps = fitted;
+                total = fitted;
+                pb.set_length(total);
+                let line = format!(
+                    "--minutes {}: {per_step:.2} s/step over {} steps; the schedule now ends at \
+                     step {fitted}",
+                    args.minutes.unwrap_or(0.0),
+                    step - first_step
+                );
+                if pb.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    pb.println(line);
+                }
+            }
+        }
         let mut val = String::new();
         if args.eval_every > 0 && step % args.eval_every == 0 {
             if let Some(v) = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds)? {
