@@ -21,9 +21,10 @@
 //! `--dtype bf16` (GPU only; default f32) measures the attention as the model's CUDA backend
 //! runs it with bf16 activations (`--dtype bf16` of `long_context` and `train_text`): the inputs
 //! (qk, v, local's k and the upstream gradient) are uploaded as bf16 (each host value rounded
-//! with `bf16::from_f32`), the kernels read them directly, and every timed pass converts the
-//! forward's f32 output to bf16 and frees the f32 one (as `store_out` does), the backward then
-//! reading bf16 qk, v, output and upstream gradient; gradients, log-sum-exps and the LSH saved
+//! with `bf16::from_f32`), the kernels read them directly, local and exact attention store
+//! their output in bf16 themselves while every timed LSH pass converts its forward's f32 output
+//! (its rounds fold in f32) to bf16 and frees the f32 one (as the backend's `store_out` does),
+//! the backward then reading bf16 qk, v, output and upstream gradient; gradients, log-sum-exps and the LSH saved
 //! state stay f32. Its rows carry dtype `bf16`. The CPU attention runs f32 only: `--device cpu
 //! --dtype bf16` is an error, and `--device auto` falling back to the CPU says so and runs f32
 //! (rows with dtype `f32`).
@@ -627,9 +628,9 @@ trait BenchElem: ActElem {
     /// The rows' `dtype`.
     const NAME: &'static str;
 
-    /// An attention forward's f32 output as a stored activation, as the model's `store_out`
-    /// does it: itself, or converted (round to nearest even) into a new bf16 buffer, the f32
-    /// one freed.
+    /// The LSH forward's f32 output as a stored activation, as the backend's `store_out` does
+    /// it: itself, or converted (round to nearest even) into a new bf16 buffer, the f32 one
+    /// freed.
     fn store_out(ctx: &GpuContext, out: DeviceBuffer<f32>) -> Result<DeviceBuffer<Self>, BoxError>;
 }
 
@@ -711,8 +712,8 @@ fn bench_length_gpu<T: BenchElem>(
     let mut rows = Vec::new();
     if plan.exact && !plan.dead.contains("exact") {
         let run = |backward: bool| -> Result<Box<dyn std::any::Any>, BoxError> {
-            let (o, lse) = gpu_attn::exact_shared_qk_forward(ctx, &qk, &v, dims, true, None)?;
-            let o = T::store_out(ctx, o)?;
+            let (o, lse) =
+                gpu_attn::exact_shared_qk_forward_as::<T, T>(ctx, &qk, &v, dims, true, None)?;
             if backward {
                 let grads = gpu_attn::exact_shared_qk_backward(
                     ctx, &qk, &v, &o, &lse, &g, dims, true, None,
@@ -765,8 +766,8 @@ fn bench_length_gpu<T: BenchElem>(
             causal: true,
         };
         let run = |backward: bool| -> Result<Box<dyn std::any::Any>, BoxError> {
-            let (o, lse) = gpu_attn::local_attention_forward(ctx, &qk, &k, &v, dims, &cfg, None)?;
-            let o = T::store_out(ctx, o)?;
+            let (o, lse) =
+                gpu_attn::local_attention_forward_as::<T, T>(ctx, &qk, &k, &v, dims, &cfg, None)?;
             if backward {
                 let grads = gpu_attn::local_attention_backward(
                     ctx, &qk, &k, &v, &o, &lse, &g, dims, &cfg, None,

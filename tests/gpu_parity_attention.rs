@@ -1014,3 +1014,53 @@ fn bf16_hash_and_row_dot_equal_their_f32_runs_bit_for_bit() {
         "row dots of bf16 rows"
     );
 }
+
+#[test]
+fn local_and_exact_forwards_store_bf16_outputs_as_the_conversion_would() {
+    // Local and exact attention write a bf16 output directly (the model's bf16 activations);
+    // the kernel runs the same f32 arithmetic in the same order and rounds as it stores, so the
+    // result equals the f32 output converted by ew_f32_to_bf16, bit for bit.
+    let test = "local_and_exact_forwards_store_bf16_outputs_as_the_conversion_would";
+    let Some(ctx) = context_for_test(test) else {
+        return;
+    };
+    let dims = AttnDims::new(2, 301, 64);
+    let mut rng = Rng::new(901);
+    let [q, k, v] = [0; 3].map(|_| up_bf16(&ctx, &randn(&mut rng, dims.numel(), 1.0)));
+    let bits = |h: &DeviceBuffer<bf16>| {
+        ctx.download(h)
+            .unwrap()
+            .iter()
+            .map(|b| b.to_bits())
+            .collect::<Vec<_>>()
+    };
+    for causal in [true, false] {
+        let cfg = GpuLocalConfig {
+            chunk_len: 64,
+            causal,
+        };
+        let (o32, lse32) =
+            gpu_attn::local_attention_forward(&ctx, &q, &k, &v, dims, &cfg, None).unwrap();
+        let (o16, lse16) =
+            gpu_attn::local_attention_forward_as::<bf16, bf16>(&ctx, &q, &k, &v, dims, &cfg, None)
+                .unwrap();
+        let (want, _) = store_bf16(&ctx, &o32);
+        assert_eq!(
+            bits(&o16),
+            bits(&want),
+            "local attention output, causal {causal}"
+        );
+        assert_eq!(down(&ctx, &lse16), down(&ctx, &lse32), "local logsumexps");
+
+        let (o32, _) = gpu_attn::exact_shared_qk_forward(&ctx, &q, &v, dims, causal, None).unwrap();
+        let (o16, _) =
+            gpu_attn::exact_shared_qk_forward_as::<bf16, bf16>(&ctx, &q, &v, dims, causal, None)
+                .unwrap();
+        let (want, _) = store_bf16(&ctx, &o32);
+        assert_eq!(
+            bits(&o16),
+            bits(&want),
+            "exact attention output, causal {causal}"
+        );
+    }
+}

@@ -2,8 +2,8 @@
 //! `reformer-kernels` (or a cuBLAS product), on buffers from the context's budgeted pool.
 
 use reformer_kernels::gpu::attention::{
-    exact_shared_qk_backward, exact_shared_qk_forward, local_attention_backward,
-    local_attention_forward, lsh_attention_backward, lsh_attention_forward, AttnDims,
+    exact_shared_qk_backward, exact_shared_qk_forward_as, local_attention_backward,
+    local_attention_forward_as, lsh_attention_backward, lsh_attention_forward, AttnDims,
     GpuLocalConfig, GpuLshConfig, GpuLshSaved, LshBuckets,
 };
 use reformer_kernels::gpu::ops::embedding::{self, AxialShape};
@@ -11,7 +11,7 @@ use reformer_kernels::gpu::ops::layer_norm::{self, LayerNormGrads};
 use reformer_kernels::gpu::ops::reduce_adam::{self, AdamStep};
 use reformer_kernels::gpu::ops::rows;
 use reformer_kernels::gpu::ops::{elementwise, matmul, softmax_xent};
-use reformer_kernels::gpu::{bf16, DeviceBuffer, GpuContext};
+use reformer_kernels::gpu::{bf16, ActElem, DeviceBuffer, GpuContext};
 use reformer_lsh::{Buckets, Rotations};
 use reformer_reversible::layer_norm::LN_EPS;
 use reformer_reversible::Dropout;
@@ -26,6 +26,29 @@ type Buf = DeviceBuffer<f32>;
 pub enum ActBuf {
     F32(DeviceBuffer<f32>),
     Bf16(DeviceBuffer<bf16>),
+}
+
+/// An element type an [`ActBuf`] holds.
+trait StoredAct: ActElem {
+    fn wrap(buf: DeviceBuffer<Self>) -> ActBuf;
+}
+
+impl StoredAct for f32 {
+    fn wrap(buf: DeviceBuffer<f32>) -> ActBuf {
+        ActBuf::F32(buf)
+    }
+}
+
+impl StoredAct for bf16 {
+    fn wrap(buf: DeviceBuffer<bf16>) -> ActBuf {
+        ActBuf::Bf16(buf)
+    }
+}
+
+/// `out` as an activation of the same dtype as the inputs `like` (ties the kernel's output type
+/// to its input type).
+fn same_as<T: StoredAct>(_like: &DeviceBuffer<T>, out: DeviceBuffer<T>) -> ActBuf {
+    T::wrap(out)
 }
 
 /// Binds each named [`ActBuf`] to its inner buffer and runs `$body` — once typed for f32 and
@@ -87,8 +110,8 @@ impl CudaBackend {
         Ok(self)
     }
 
-    /// An attention op's f32 output as an activation: itself, or converted (round to nearest
-    /// even) into a new bf16 buffer, the f32 one freed.
+    /// The LSH forward's f32 output (its rounds fold in f32) as an activation: itself, or
+    /// converted (round to nearest even) into a new bf16 buffer, the f32 one freed.
     fn store_out(&self, out: Buf) -> Result<ActBuf> {
         if self.act == DType::F32 {
             return Ok(ActBuf::F32(out));
@@ -528,16 +551,12 @@ impl Backend for CudaBackend {
             chunk_len: chunk,
             causal,
         };
-        let (out, lse) = with_acts!((q, kk, v) => local_attention_forward(
-            &self.ctx,
-            q,
-            kk,
-            v,
-            dims(shape),
-            &cfg,
-            None,
-        )?);
-        Ok((self.store_out(out)?, lse))
+        // The kernel stores the output in the activations' dtype itself (no f32 copy).
+        Ok(with_acts!((q, kk, v) => {
+            let (out, lse) =
+                local_attention_forward_as(&self.ctx, q, kk, v, dims(shape), &cfg, None)?;
+            (same_as(q, out), lse)
+        }))
     }
 
     fn local_backward(
@@ -579,15 +598,12 @@ impl Backend for CudaBackend {
         shape: HeadShape,
         causal: bool,
     ) -> Result<(ActBuf, Buf)> {
-        let (out, lse) = with_acts!((qk, v) => exact_shared_qk_forward(
-            &self.ctx,
-            qk,
-            v,
-            dims(shape),
-            causal,
-            None,
-        )?);
-        Ok((self.store_out(out)?, lse))
+        // The kernel stores the output in the activations' dtype itself (no f32 copy).
+        Ok(with_acts!((qk, v) => {
+            let (out, lse) =
+                exact_shared_qk_forward_as(&self.ctx, qk, v, dims(shape), causal, None)?;
+            (same_as(qk, out), lse)
+        }))
     }
 
     fn exact_backward(

@@ -126,8 +126,9 @@ impl PlanBackend {
         self.token(label, len, self.act.size_in_bytes())
     }
 
-    /// What an attention op does with its f32 output: returns it as the activation, or, with
-    /// bf16 activations, converts it into a new bf16 buffer and frees it.
+    /// What the LSH forward does with its f32 output (its rounds fold in f32): returns it as the
+    /// activation, or, with bf16 activations, converts it into a new bf16 buffer and frees it.
+    /// Local and exact attention store their output in the activation dtype directly.
     fn store_out(&self, out: PlanBuf, s: HeadShape) -> PlanBuf {
         if self.act == DType::F32 {
             return out;
@@ -505,9 +506,12 @@ impl Backend for PlanBackend {
         _chunk: usize,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf)> {
-        let out = self.heads("attention out", s);
+        let out = self.act_token(
+            format!("attention out [{}, {}, {}]", s.heads, s.len, s.d),
+            s.numel(),
+        );
         let lse = self.f32s("logsumexp", s.heads * s.len);
-        Ok((self.store_out(out, s), lse))
+        Ok((out, lse))
     }
 
     fn local_backward(
@@ -537,9 +541,12 @@ impl Backend for PlanBackend {
         s: HeadShape,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf)> {
-        let out = self.heads("attention out", s);
+        let out = self.act_token(
+            format!("attention out [{}, {}, {}]", s.heads, s.len, s.d),
+            s.numel(),
+        );
         let lse = self.f32s("logsumexp", s.heads * s.len);
-        Ok((self.store_out(out, s), lse))
+        Ok((out, lse))
     }
 
     fn exact_backward(

@@ -24,7 +24,9 @@
 //
 // Storage: q, k, v and the backward's dout are f32 or bf16 rows (one flag, AttnProblem.act_bf16,
 // for all four), widened to f32 as warp_load_row stages them in shared memory; everything after
-// the load — scores, softmax, sums — is f32, and the outputs (out, lse, dq, dk, dv) are f32.
+// the load — scores, softmax, sums — is f32, and the outputs (lse, dq, dk, dv) are f32; the
+// forward's out is f32 or, for local and exact attention, optionally bf16 (out_bf16: rounded
+// once as it is stored, so the model needs no f32 copy of it).
 // Rows are addressed by element index (act_offset scales by the element size).
 //
 // Head dimension d <= ATTN_MAX_D (the host checks; a larger d makes the kernels return at once).
@@ -254,10 +256,13 @@ __device__ __forceinline__ float dot_rows(const float* a, const float* b, int d)
 // normalised output o (a zero row when no key is allowed), or, with `fold` and round > 0, the
 // running output of rounds [0, round) (already in `out`) with this round folded in:
 //   out' = a * out + b * o,  (a, b) from fold_weights (relative to the rounds' max logsumexp).
+// `out` is f32, or bf16 with out_bf16 (each stored value rounded to nearest even once; a fold
+// would round again per round, so the LSH forward, which folds, keeps f32 and converts after
+// its last round).
 // Each position is owned by exactly one block per launch, so no two blocks touch a row.
 // ---------------------------------------------------------------------------------------------
 __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q_count,
-                                  const SlotRanges& keys, float* out, float* lse,
+                                  const SlotRanges& keys, void* out, bool out_bf16, float* lse,
                                   long long round_stride, int round, bool fold) {
     if (blockDim.x != 32 || blockDim.y != ATTN_WARPS || blockDim.z != 1 || P.d > ATTN_MAX_D) {
         return;  // a launch this code was not written for (uniform over the block)
@@ -359,13 +364,13 @@ __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q
         const bool any = l[qi] > 0.0f;
         const float z = any ? m[qi] + logf(l[qi]) : -INFINITY;
         const float inv = any ? 1.0f / l[qi] : 0.0f;
-        float* orow = out + (long long)qp * d;
+        void* orow = act_offset_mut(out, (long long)qp * d, out_bf16);
         if (!fold || round == 0) {
 #pragma unroll
             for (int dd = 0; dd < ATTN_DPL; ++dd) {
                 const int c = lane + 32 * dd;
                 if (c < d) {
-                    orow[c] = acc[qi][dd] * inv;
+                    store_act(orow, c, out_bf16, acc[qi][dd] * inv);
                 }
             }
         } else {
@@ -378,9 +383,9 @@ __device__ void attn_forward_rows(const AttnProblem& P, long long q_begin, int q
             for (int dd = 0; dd < ATTN_DPL; ++dd) {
                 const int c = lane + 32 * dd;
                 if (c < d) {
-                    const float prev = a != 0.0f ? orow[c] * a : 0.0f;
+                    const float prev = a != 0.0f ? load_act(orow, c, out_bf16) * a : 0.0f;
                     const float cur = b != 0.0f ? acc[qi][dd] * inv * b : 0.0f;
-                    orow[c] = prev + cur;
+                    store_act(orow, c, out_bf16, prev + cur);
                 }
             }
         }

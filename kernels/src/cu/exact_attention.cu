@@ -7,8 +7,9 @@
 //
 // Layouts: q, k, v, out, dout, dq, dk, dv [n_heads, n, d]; lse, delta [n_heads, n];
 // key_valid null, [n] (valid_per_head = 0) or [n_heads, n] (valid_per_head = 1). Storage: q, k, v
-// and dout are bf16 when act_bf16 != 0, else f32 (widened on load, attention.cuh); out, lse,
-// delta, dq, dk, dv are always f32.
+// and dout are bf16 when act_bf16 != 0, else f32 (widened on load, attention.cuh); the
+// forward's out is bf16 when out_bf16 != 0 (rounded to nearest even as it is stored), else f32;
+// lse, delta, dq, dk, dv are always f32.
 // Launch: block (32, ATTN_WARPS); grid (ceil(n / ROWS), n_heads), ROWS = ATTN_ROWS_FWD for the
 // forward, ATTN_ROWS_BWD for both backward passes.
 //
@@ -44,9 +45,9 @@ __device__ __forceinline__ AttnProblem exact_problem(const void* q, const void* 
 
 extern "C" __global__ void exact_attn_fwd(const void* q, const void* k, const void* v,
                                           const unsigned char* key_valid, int valid_per_head,
-                                          float* out, float* lse, int n_heads, int n, int d,
+                                          void* out, float* lse, int n_heads, int n, int d,
                                           int causal, int self_penalty, int unit_keys,
-                                          float scale, int act_bf16) {
+                                          float scale, int act_bf16, int out_bf16) {
     const int h = blockIdx.y;
     if (d > ATTN_MAX_D || h >= n_heads) {
         return;
@@ -60,7 +61,8 @@ extern "C" __global__ void exact_attn_fwd(const void* q, const void* k, const vo
     const int q_count = (int)min((long long)ATTN_ROWS_FWD, (long long)n - q_begin);
     const long long k_end = causal ? min((long long)n, q_begin + q_count) : (long long)n;
     const long long head_rows = (long long)h * n;
-    attn_forward_rows(P, q_begin, q_count, one_range(0, k_end), out + head_rows * d,
+    attn_forward_rows(P, q_begin, q_count, one_range(0, k_end),
+                      act_offset_mut(out, head_rows * d, out_bf16), out_bf16 != 0,
                       lse + head_rows, 0, 0, false);
 }
 

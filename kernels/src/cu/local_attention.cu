@@ -6,8 +6,9 @@
 //
 // Layouts: q, k, v, out, dout, dq, dk, dv [n_heads, n, d]; lse, delta [n_heads, n];
 // key_valid null, [n] (valid_per_head = 0) or [n_heads, n] (valid_per_head = 1). Storage: q, k, v
-// and dout are bf16 when act_bf16 != 0, else f32 (widened on load, attention.cuh); out, lse,
-// delta, dq, dk, dv are always f32.
+// and dout are bf16 when act_bf16 != 0, else f32 (widened on load, attention.cuh); the
+// forward's out is bf16 when out_bf16 != 0 (rounded to nearest even as it is stored), else f32;
+// lse, delta, dq, dk, dv are always f32.
 // Launch: block (32, ATTN_WARPS); grid (n_chunks * ceil(chunk / ROWS), n_heads) with
 // ROWS = ATTN_ROWS_FWD for the forward, ATTN_ROWS_BWD for both backward passes.
 //
@@ -52,8 +53,9 @@ __device__ __forceinline__ AttnProblem local_problem(const void* q, const void* 
 
 extern "C" __global__ void local_attn_fwd(const void* q, const void* k, const void* v,
                                           const unsigned char* key_valid, int valid_per_head,
-                                          float* out, float* lse, int n_heads, int n, int d,
-                                          int chunk, int causal, float scale, int act_bf16) {
+                                          void* out, float* lse, int n_heads, int n, int d,
+                                          int chunk, int causal, float scale, int act_bf16,
+                                          int out_bf16) {
     if (d > ATTN_MAX_D || chunk <= 0 || (int)blockIdx.y >= n_heads) {
         return;
     }
@@ -65,7 +67,8 @@ extern "C" __global__ void local_attn_fwd(const void* q, const void* k, const vo
         local_problem(q, k, v, act_bf16, key_valid, valid_per_head, b.head, n, d, causal, scale);
     const long long head_rows = (long long)b.head * n;
     attn_forward_rows(P, b.row_begin, b.row_count, local_chunk_ranges(b, chunk, -1),
-                      out + head_rows * d, lse + head_rows, 0, 0, false);
+                      act_offset_mut(out, head_rows * d, out_bf16), out_bf16 != 0,
+                      lse + head_rows, 0, 0, false);
 }
 
 extern "C" __global__ void local_attn_bwd_dq(const void* q, const void* k, const void* v,

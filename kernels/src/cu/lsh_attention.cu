@@ -104,7 +104,8 @@ extern "C" __global__ void lsh_attn_fwd(const void* qk, const void* v, const uns
         lsh_problem(qk, v, act_bf16, perm, key_valid, valid_per_head, b.head, n_rounds, round, n,
                     d, causal);
     attn_forward_rows(P, b.row_begin, b.row_count, lsh_chunk_ranges(b, chunk, -1),
-                      out + (long long)b.head * n * d, lse + (long long)b.head * n_rounds * n,
+                      out + (long long)b.head * n * d, false,
+                      lse + (long long)b.head * n_rounds * n,
                       (long long)n, round, fold != 0);
 }
 

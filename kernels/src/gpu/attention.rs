@@ -323,9 +323,24 @@ pub fn local_attention_forward<T: ActElem>(
     cfg: &GpuLocalConfig,
     key_mask: Option<&DeviceBuffer<u8>>,
 ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>), KernelsError> {
+    local_attention_forward_as(ctx, q, k, v, dims, cfg, key_mask)
+}
+
+/// [`local_attention_forward`] with the output stored as `O` (bf16: rounded to nearest even
+/// by the kernel as it stores each value — the same values as converting the f32 output — with
+/// no f32 copy).
+pub fn local_attention_forward_as<T: ActElem, O: ActElem>(
+    ctx: &GpuContext,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    dims: AttnDims,
+    cfg: &GpuLocalConfig,
+    key_mask: Option<&DeviceBuffer<u8>>,
+) -> Result<(DeviceBuffer<O>, DeviceBuffer<f32>), KernelsError> {
     let l = cfg.launch(dims);
     l.check("local_attention_forward")?;
-    let mut out = ctx.alloc::<f32>(dims.numel())?;
+    let mut out = ctx.alloc::<O>(dims.numel())?;
     let mut lse = ctx.alloc::<f32>(dims.rows())?;
     let x = QkvInputs {
         q,
@@ -392,9 +407,23 @@ pub fn exact_attention_forward<T: ActElem>(
     rule: ExactRule,
     key_mask: Option<&DeviceBuffer<u8>>,
 ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>), KernelsError> {
+    exact_attention_forward_as(ctx, q, k, v, dims, rule, key_mask)
+}
+
+/// [`exact_attention_forward`] with the output stored as `O` (as
+/// [`local_attention_forward_as`]).
+pub fn exact_attention_forward_as<T: ActElem, O: ActElem>(
+    ctx: &GpuContext,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    dims: AttnDims,
+    rule: ExactRule,
+    key_mask: Option<&DeviceBuffer<u8>>,
+) -> Result<(DeviceBuffer<O>, DeviceBuffer<f32>), KernelsError> {
     let l = ExactLaunch { dims, rule };
     l.check("exact_attention_forward")?;
-    let mut out = ctx.alloc::<f32>(dims.numel())?;
+    let mut out = ctx.alloc::<O>(dims.numel())?;
     let mut lse = ctx.alloc::<f32>(dims.rows())?;
     let x = QkvInputs {
         q,
@@ -485,7 +514,20 @@ pub fn exact_shared_qk_forward<T: ActElem>(
     causal: bool,
     key_mask: Option<&DeviceBuffer<u8>>,
 ) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>), KernelsError> {
-    exact_attention_forward(ctx, qk, qk, v, dims, ExactRule::shared_qk(causal), key_mask)
+    exact_shared_qk_forward_as(ctx, qk, v, dims, causal, key_mask)
+}
+
+/// [`exact_shared_qk_forward`] with the output stored as `O` (as
+/// [`local_attention_forward_as`]).
+pub fn exact_shared_qk_forward_as<T: ActElem, O: ActElem>(
+    ctx: &GpuContext,
+    qk: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    dims: AttnDims,
+    causal: bool,
+    key_mask: Option<&DeviceBuffer<u8>>,
+) -> Result<(DeviceBuffer<O>, DeviceBuffer<f32>), KernelsError> {
+    exact_attention_forward_as(ctx, qk, qk, v, dims, ExactRule::shared_qk(causal), key_mask)
 }
 
 /// Backward of [`exact_shared_qk_forward`]: `(d_qk, d_v)`, the query and key gradients summed

@@ -82,10 +82,10 @@ impl ExactLaunch {
 }
 
 /// Output `[heads, len, d]` and logsumexp `[heads, len]`.
-pub fn forward<T: ActElem>(
+pub fn forward<T: ActElem, O: ActElem>(
     ctx: &GpuContext,
     x: QkvInputs<'_, T>,
-    out: &mut DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<O>,
     lse: &mut DeviceBuffer<f32>,
     l: &ExactLaunch,
 ) -> Result<(), KernelsError> {
@@ -97,6 +97,7 @@ pub fn forward<T: ActElem>(
     let cfg = exact_attention_grid(OP, l.dims.len, l.dims.heads, ATTN_ROWS_FWD)?;
     let [heads, n, d, causal, self_penalty, unit_keys] = l.scalars();
     let act_bf16 = i32::from(T::IS_BF16);
+    let out_bf16 = i32::from(O::IS_BF16);
     let f = ctx.function(FAMILY, k::FWD)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.q.cu()).arg(x.k.cu()).arg(x.v.cu());
@@ -108,11 +109,12 @@ pub fn forward<T: ActElem>(
         .arg(&causal)
         .arg(&self_penalty)
         .arg(&unit_keys);
-    b.arg(&l.rule.scale).arg(&act_bf16);
+    b.arg(&l.rule.scale).arg(&act_bf16).arg(&out_bf16);
     // SAFETY: exact_attn_fwd(const void* q, const void* k, const void* v, key_valid, vph,
-    // float* out, float* lse, heads, n, d, causal, self_penalty, unit_keys, scale, act_bf16): q, k,
-    // v are T buffers (bf16 exactly when act_bf16 = 1, else f32); every buffer holds its
-    // [heads, n(, d)] extent (checked above).
+    // void* out, float* lse, heads, n, d, causal, self_penalty, unit_keys, scale, act_bf16,
+    // out_bf16): q, k, v are T buffers (bf16 exactly when act_bf16 = 1, else f32), out an O
+    // buffer (bf16 exactly when out_bf16 = 1); every buffer holds its [heads, n(, d)] extent
+    // (checked above).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::FWD, e))?;
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! chunks `c−1` and `c`), separate q, k, v, scores scaled.
 //!
 //! `q`, `k`, `v` and the upstream `dout` are f32 or bf16 ([`ActElem`]; one type for all four,
-//! widened to f32 on load); outputs, logsumexps and gradients are f32. [`QkvInputs`] and
+//! widened to f32 on load); the forward's output is f32 or bf16 (its own [`ActElem`], rounded
+//! once as it is stored); logsumexps and gradients are f32. [`QkvInputs`] and
 //! [`Upstream`] serve the exact attention wrappers too.
 
 use cudarc::driver::PushKernelArg;
@@ -81,10 +82,10 @@ impl<T: ActElem> Upstream<'_, T> {
 }
 
 /// Output `[heads, len, d]` and logsumexp `[heads, len]`.
-pub fn forward<T: ActElem>(
+pub fn forward<T: ActElem, O: ActElem>(
     ctx: &GpuContext,
     x: QkvInputs<'_, T>,
-    out: &mut DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<O>,
     lse: &mut DeviceBuffer<f32>,
     l: &LocalLaunch,
 ) -> Result<(), KernelsError> {
@@ -103,6 +104,7 @@ pub fn forward<T: ActElem>(
     let (heads, n, d) = (l.dims.heads as i32, l.dims.len as i32, l.dims.d as i32);
     let (chunk, causal) = (l.effective_chunk() as i32, i32::from(l.causal));
     let act_bf16 = i32::from(T::IS_BF16);
+    let out_bf16 = i32::from(O::IS_BF16);
     let f = ctx.function(FAMILY, k::FWD)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.q.cu()).arg(x.k.cu()).arg(x.v.cu());
@@ -114,11 +116,12 @@ pub fn forward<T: ActElem>(
         .arg(&chunk)
         .arg(&causal)
         .arg(&l.scale)
-        .arg(&act_bf16);
+        .arg(&act_bf16)
+        .arg(&out_bf16);
     // SAFETY: local_attn_fwd(const void* q, const void* k, const void* v, key_valid, vph,
-    // float* out, float* lse, heads, n, d, chunk, causal, scale, act_bf16): q, k, v are T buffers
-    // (bf16 exactly when act_bf16 = 1, else f32); every buffer holds its [heads, n(, d)] extent
-    // (checked above).
+    // void* out, float* lse, heads, n, d, chunk, causal, scale, act_bf16, out_bf16): q, k, v are
+    // T buffers (bf16 exactly when act_bf16 = 1, else f32), out an O buffer (bf16 exactly when
+    // out_bf16 = 1); every buffer holds its [heads, n(, d)] extent (checked above).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::FWD, e))?;
     Ok(())
 }
