@@ -10,6 +10,11 @@
 //! The CPU reference (`reformer-reversible` and [`crate::ReformerLm`]) stays the numerical
 //! ground truth: `tests/device_model_host.rs` compares the host backend with it, and
 //! `tests/gpu_parity_model.rs` the CUDA backend with it on a GPU.
+//!
+//! Activation storage is a backend choice (`with_act_dtype`): f32, or bf16 for the head-layout
+//! activations ([`Backend::Act`]: q, k, v, the attention output and its gradient), which the
+//! kernels widen to f32 as they load them. `tests/device_bf16_host.rs` states how far bf16 may
+//! move the losses and gradients from f32; [`DevicePlan::with_act_dtype`] plans either.
 
 pub mod backend;
 pub mod cuda;
