@@ -227,7 +227,7 @@ fn copy2d_with_bf16_storage_matches_the_host_twins() {
 
             // f32 -> bf16.
             rows::copy2d(&ctx, &srcd, s, &mut dst16, d, rows, cols, alpha, accumulate).unwrap();
-            host::copy2d_to_bf16(&src, s, &mut want16, d, rows, cols, alpha, accumulate);
+            host::copy2d(&src, s, &mut want16, d, rows, cols, alpha, accumulate);
             assert_bits16(
                 &format!("copy2d f32->bf16 {what}"),
                 &ctx.download(&dst16).unwrap(),
@@ -238,7 +238,7 @@ fn copy2d_with_bf16_storage_matches_the_host_twins() {
                 &ctx, &srcd16, s, &mut dst32, d, rows, cols, alpha, accumulate,
             )
             .unwrap();
-            host::copy2d_act(&src16, s, &mut want32, d, rows, cols, alpha, accumulate);
+            host::copy2d(&src16, s, &mut want32, d, rows, cols, alpha, accumulate);
             assert_bits(
                 &format!("copy2d bf16->f32 {what}"),
                 &down(&ctx, &dst32),
@@ -262,7 +262,7 @@ fn copy2d_with_bf16_storage_matches_the_host_twins() {
                 accumulate,
             )
             .unwrap();
-            host::copy2d_act(&src16, s, &mut want16b, d, rows, cols, alpha, accumulate);
+            host::copy2d(&src16, s, &mut want16b, d, rows, cols, alpha, accumulate);
             assert_bits16(
                 &format!("copy2d bf16->bf16 {what}"),
                 &ctx.download(&dst16b).unwrap(),

@@ -99,8 +99,7 @@ const DROPOUT_THREADS: u32 = 64;
 /// `src` and `dst` are each f32 or bf16 ([`ActElem`]; offsets and leading dimensions in
 /// elements). The arithmetic is f32 on the widened values — `alpha · src` rounded, then added to
 /// the widened `dst` when accumulating — and a bf16 `dst` stores the result rounded to nearest
-/// even: equal bit for bit to [`host::copy2d_act`] ([`host::copy2d`] for f32 → f32,
-/// [`host::copy2d_to_bf16`] for f32 → bf16).
+/// even: equal bit for bit to [`host::copy2d`].
 #[allow(clippy::too_many_arguments)]
 pub fn copy2d<S: ActElem, D: ActElem>(
     ctx: &GpuContext,
@@ -324,43 +323,13 @@ pub mod host {
     use super::{column_sum_parts, Strided};
     use crate::gpu::ActElem;
 
-    /// `dst(r, c) = (accumulate ? dst(r, c) + alpha·src(r, c) : alpha·src(r, c))`.
+    /// The twin of [`super::copy2d`]: `dst(r, c) = narrow(accumulate ? widen(dst(r, c)) +
+    /// alpha·widen(src(r, c)) : alpha·widen(src(r, c)))`, the product and the sum rounded in
+    /// f32, a bf16 `dst` rounded to nearest even ([`ActElem::widen`], [`ActElem::narrow`]; both
+    /// the identity for f32). (NaN inputs give NaN on both sides, but not necessarily the same
+    /// payload: the device's arithmetic makes canonical NaNs.)
     #[allow(clippy::too_many_arguments)]
-    pub fn copy2d(
-        src: &[f32],
-        s: Strided,
-        dst: &mut [f32],
-        d: Strided,
-        rows: usize,
-        cols: usize,
-        alpha: f32,
-        accumulate: bool,
-    ) {
-        if cols == 0 {
-            return;
-        }
-        for r in 0..rows {
-            let sr = &src[s.offset + r * s.ld..][..cols];
-            let dr = &mut dst[d.offset + r * d.ld..][..cols];
-            if accumulate {
-                for (o, &v) in dr.iter_mut().zip(sr) {
-                    *o += alpha * v;
-                }
-            } else {
-                for (o, &v) in dr.iter_mut().zip(sr) {
-                    *o = alpha * v;
-                }
-            }
-        }
-    }
-
-    /// The twin of [`super::copy2d`] for any storage: `dst(r, c) = narrow(accumulate ?
-    /// widen(dst(r, c)) + alpha·widen(src(r, c)) : alpha·widen(src(r, c)))`, the product and the
-    /// sum rounded in f32, a bf16 `dst` rounded to nearest even ([`ActElem::widen`],
-    /// [`ActElem::narrow`]). For f32 → f32 it is [`copy2d`]. (NaN inputs give NaN on both
-    /// sides, but not necessarily the same payload: the device's arithmetic makes canonical NaNs.)
-    #[allow(clippy::too_many_arguments)]
-    pub fn copy2d_act<S: ActElem, D: ActElem>(
+    pub fn copy2d<S: ActElem, D: ActElem>(
         src: &[S],
         s: Strided,
         dst: &mut [D],
@@ -381,21 +350,6 @@ pub mod host {
                 *o = D::narrow(if accumulate { o.widen() + v } else { v });
             }
         }
-    }
-
-    /// [`copy2d_act`] from f32 into bf16: the twin of [`super::copy2d`] with a bf16 `dst`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn copy2d_to_bf16(
-        src: &[f32],
-        s: Strided,
-        dst: &mut [half::bf16],
-        d: Strided,
-        rows: usize,
-        cols: usize,
-        alpha: f32,
-        accumulate: bool,
-    ) {
-        copy2d_act(src, s, dst, d, rows, cols, alpha, accumulate);
     }
 
     /// `x[r, c] += bias[c]`.
@@ -597,7 +551,7 @@ mod tests {
         let src: Vec<f32> = cases.iter().map(|&(b, _)| f32::from_bits(b)).collect();
         let mut dst = vec![bf16::from_bits(0x1234); cases.len() + 1];
         let n = cases.len();
-        host::copy2d_to_bf16(
+        host::copy2d(
             &src,
             Strided::new(0, n),
             &mut dst,
@@ -629,7 +583,7 @@ mod tests {
             bf16::from_f32(0.5),
             bf16::from_f32(1.0),
         ];
-        host::copy2d_to_bf16(
+        host::copy2d(
             &src,
             Strided::new(0, 1),
             &mut dst,
@@ -644,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn host_copy2d_act_is_copy2d_for_f32_and_widens_bf16_exactly() {
+    fn host_copy2d_is_the_f32_formula_for_f32_and_widens_bf16_exactly() {
         use half::bf16;
         let src: Vec<f32> = (0..40).map(|i| (i as f32 - 17.3) * 0.37).collect();
         let s = Strided::new(3, 9);
@@ -652,8 +606,15 @@ mod tests {
         for accumulate in [false, true] {
             let mut a: Vec<f32> = (0..40).map(|i| i as f32 * 0.11).collect();
             let mut b = a.clone();
-            host::copy2d(&src, s, &mut a, d, 4, 6, -1.25, accumulate);
-            host::copy2d_act(&src, s, &mut b, d, 4, 6, -1.25, accumulate);
+            // The f32 formula, written out.
+            for r in 0..4 {
+                for c in 0..6 {
+                    let v = -1.25 * src[3 + 9 * r + c];
+                    let o = &mut a[1 + 8 * r + c];
+                    *o = if accumulate { *o + v } else { v };
+                }
+            }
+            host::copy2d(&src, s, &mut b, d, 4, 6, -1.25, accumulate);
             assert_eq!(
                 a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
@@ -662,7 +623,7 @@ mod tests {
         // bf16 -> f32: the widened values, scaled in f32.
         let src16: Vec<bf16> = src.iter().map(|&v| bf16::from_f32(v)).collect();
         let mut out = vec![0.0f32; 40];
-        host::copy2d_act(&src16, s, &mut out, d, 4, 6, 2.0, false);
+        host::copy2d(&src16, s, &mut out, d, 4, 6, 2.0, false);
         for r in 0..4 {
             for c in 0..6 {
                 let want = 2.0 * src16[3 + 9 * r + c].to_f32();
