@@ -237,6 +237,22 @@ pub fn lsh_attention_forward_with_buckets<T: ActElem>(
     ))
 }
 
+/// `delta = dO · O` per row `[heads, len]`, shared by every backward pass (and every LSH
+/// round), after checking that `out` and `d_out` are `[heads, len, d]`.
+fn attention_delta<T: ActElem>(
+    ctx: &GpuContext,
+    op: &'static str,
+    dims: AttnDims,
+    out: &DeviceBuffer<T>,
+    d_out: &DeviceBuffer<T>,
+) -> Result<DeviceBuffer<f32>, KernelsError> {
+    dims.check_tensor(op, "out", out.len())?;
+    dims.check_tensor(op, "d_out", d_out.len())?;
+    let mut delta = ctx.alloc::<f32>(dims.rows())?;
+    elementwise::row_dot(ctx, d_out, out, &mut delta, dims.rows(), dims.d)?;
+    Ok(delta)
+}
+
 /// LSH attention backward: from the forward's inputs, its output, the output gradient and
 /// `saved`, returns `(d_qk, d_v)`. Re-sorts the saved buckets (as the CPU does) and recomputes
 /// scores round by round.
@@ -261,11 +277,8 @@ pub fn lsh_attention_backward<T: ActElem>(
             expected: vec![cfg.n_rounds, cfg.buckets.total()],
         });
     }
-    dims.check_tensor(OP, "out", out.len())?;
-    dims.check_tensor(OP, "d_out", d_out.len())?;
     let l = cfg.launch(dims);
-    let mut delta = ctx.alloc::<f32>(dims.rows())?;
-    elementwise::row_dot(ctx, d_out, out, &mut delta, dims.rows(), dims.d)?;
+    let delta = attention_delta(ctx, OP, dims, out, d_out)?;
     let perm = lsh_sort(
         ctx,
         &saved.buckets,
@@ -372,10 +385,7 @@ pub fn local_attention_backward<T: ActElem>(
     const OP: &str = "local_attention_backward";
     let l = cfg.launch(dims);
     l.check(OP)?;
-    dims.check_tensor(OP, "out", out.len())?;
-    dims.check_tensor(OP, "d_out", d_out.len())?;
-    let mut delta = ctx.alloc::<f32>(dims.rows())?;
-    elementwise::row_dot(ctx, d_out, out, &mut delta, dims.rows(), dims.d)?;
+    let delta = attention_delta(ctx, OP, dims, out, d_out)?;
     let x = QkvInputs {
         q,
         k,
@@ -454,10 +464,7 @@ fn exact_backward_into<T: ActElem>(
     const OP: &str = "exact_attention_backward";
     l.check(OP)?;
     let dims = l.dims;
-    dims.check_tensor(OP, "out", out.len())?;
-    dims.check_tensor(OP, "d_out", d_out.len())?;
-    let mut delta = ctx.alloc::<f32>(dims.rows())?;
-    elementwise::row_dot(ctx, d_out, out, &mut delta, dims.rows(), dims.d)?;
+    let delta = attention_delta(ctx, OP, dims, out, d_out)?;
     let g = Upstream {
         dout: d_out,
         lse,
