@@ -61,14 +61,23 @@ impl HostBackend {
         Ok(self)
     }
 
-    /// Rounds an activation's values to the storage dtype.
-    fn round_act(&self, t: &mut Tensor) {
+    /// An attention forward's output stored as an activation: its values rounded to the
+    /// storage dtype.
+    fn store_out(&self, mut out: Tensor) -> Tensor {
         if self.act != DType::F32 {
             let act = self.act;
-            t.data_mut()
+            out.data_mut()
                 .par_iter_mut()
                 .for_each(|x| *x = act.round_trip(*x));
         }
+        out
+    }
+
+    /// A local or exact forward's results as the backend returns them: the stored output and
+    /// the logsumexps as a buffer.
+    fn single_pass_out(&self, out: Tensor, lse: &[f32]) -> Result<(Tensor, Tensor)> {
+        let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
+        Ok((self.store_out(out), lse))
     }
 
     pub fn pool(&self) -> &MemoryPool {
@@ -537,9 +546,8 @@ impl Backend for HostBackend {
             causal,
         };
         let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
-        let (mut out, saved) = lsh_attention_forward(qk, v, rot, &cfg, None)?;
-        self.round_act(&mut out);
-        Ok((out, saved))
+        let (out, saved) = lsh_attention_forward(qk, v, rot, &cfg, None)?;
+        Ok((self.store_out(out), saved))
     }
 
     fn lsh_backward(
@@ -578,10 +586,8 @@ impl Backend for HostBackend {
             causal,
         };
         let [q, k, v] = [q, k, v].map(|t| shaped(t, shape));
-        let (mut out, lse) = local_attention_forward(q?, k?, v?, &cfg, None)?;
-        self.round_act(&mut out);
-        let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
-        Ok((out, lse))
+        let (out, lse) = local_attention_forward(q?, k?, v?, &cfg, None)?;
+        self.single_pass_out(out, &lse)
     }
 
     fn local_backward(
@@ -622,10 +628,8 @@ impl Backend for HostBackend {
     ) -> Result<(Tensor, Tensor)> {
         let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
         let k = unit_keys(qk)?;
-        let (mut out, lse) = exact_attention_forward(qk, &k, v, shared_qk_rule(causal), None)?;
-        self.round_act(&mut out);
-        let lse = Tensor::from_vec(&self.pool, &[lse.len()], lse.to_vec())?;
-        Ok((out, lse))
+        let (out, lse) = exact_attention_forward(qk, &k, v, shared_qk_rule(causal), None)?;
+        self.single_pass_out(out, &lse)
     }
 
     fn exact_backward(

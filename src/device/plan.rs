@@ -118,27 +118,38 @@ impl PlanBackend {
 
     /// An activation buffer of `len` elements.
     fn act_token(&self, label: String, len: usize) -> PlanBuf {
-        let label = if self.act == DType::F32 {
-            label
-        } else {
-            format!("{label} {:?}", self.act).to_lowercase()
+        let label = match self.act {
+            DType::F32 => label,
+            _ => format!("{label} bf16"),
         };
         self.token(label, len, self.act.size_in_bytes())
     }
 
+    /// A head-layout activation of shape `s`.
+    fn act_heads(&self, what: &str, s: HeadShape) -> PlanBuf {
+        self.act_token(
+            format!("{what} [{}, {}, {}]", s.heads, s.len, s.d),
+            s.numel(),
+        )
+    }
+
     /// What the LSH forward does with its f32 output (its rounds fold in f32): returns it as the
     /// activation, or, with bf16 activations, converts it into a new bf16 buffer and frees it.
-    /// Local and exact attention store their output in the activation dtype directly.
     fn store_out(&self, out: PlanBuf, s: HeadShape) -> PlanBuf {
         if self.act == DType::F32 {
             return out;
         }
-        let stored = self.act_token(
-            format!("attention out [{}, {}, {}]", s.heads, s.len, s.d),
-            s.numel(),
-        );
+        let stored = self.act_heads("attention out", s);
         drop(out);
         stored
+    }
+
+    /// A local or exact forward: its output, stored in the activation dtype by the kernel
+    /// itself, and the logsumexps.
+    fn single_pass_out(&self, s: HeadShape) -> (PlanBuf, PlanBuf) {
+        let out = self.act_heads("attention out", s);
+        let lse = self.f32s("logsumexp", s.heads * s.len);
+        (out, lse)
     }
 
     fn token(&self, label: String, len: usize, elem: usize) -> PlanBuf {
@@ -506,12 +517,7 @@ impl Backend for PlanBackend {
         _chunk: usize,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf)> {
-        let out = self.act_token(
-            format!("attention out [{}, {}, {}]", s.heads, s.len, s.d),
-            s.numel(),
-        );
-        let lse = self.f32s("logsumexp", s.heads * s.len);
-        Ok((out, lse))
+        Ok(self.single_pass_out(s))
     }
 
     fn local_backward(
@@ -541,12 +547,7 @@ impl Backend for PlanBackend {
         s: HeadShape,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf)> {
-        let out = self.act_token(
-            format!("attention out [{}, {}, {}]", s.heads, s.len, s.d),
-            s.numel(),
-        );
-        let lse = self.f32s("logsumexp", s.heads * s.len);
-        Ok((out, lse))
+        Ok(self.single_pass_out(s))
     }
 
     fn exact_backward(
