@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use reformer::{checkpoint, generate, ReformerLm, SampleOptions};
+use reformer::{checkpoint, generate, CpuBackend, ReformerLm, SampleOptions};
 use reformer_engine::MemoryPool;
 
 #[derive(Parser, Debug)]
@@ -54,9 +54,9 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let ck = checkpoint::load(&args.checkpoint)?;
-    let pool = MemoryPool::unlimited();
-    let mut model = ReformerLm::new(&ck.config, &pool)?;
-    ck.restore(&mut model, None)?;
+    let backend = CpuBackend::new(&MemoryPool::unlimited());
+    let mut model = ReformerLm::from_checkpoint(backend, &ck)?;
+    model.drop_optimizer_state();
     eprintln!(
         "{}: step {}, {} layers, d_model {}",
         args.checkpoint.display(),

@@ -17,28 +17,23 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
+use reformer::backend::{
+    human_bytes, select, Backend, CpuBackend, CudaBackend, DeviceRequest, MemoryPlan, PlanTarget,
+    Runner,
+};
 use reformer::config::Attention;
 use reformer::data::TextData;
-use reformer::device::{
-    select, Backend, CudaBackend, DeviceLm, DevicePlan, DeviceRequest, HostBackend, Runner,
-};
-use reformer::planner::human_bytes;
-use reformer::{
-    AdamConfig, LrSchedule, MemoryPlan, ModelConfig, ReformerError, ReformerLm, StepContext,
-    Trainer,
-};
+use reformer::{AdamConfig, LrSchedule, ModelConfig, ReformerError, ReformerLm, StepContext};
 use reformer_engine::{DType, EngineError, MemoryPool, Rng};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
-    /// The reference CPU model (`reformer-reversible`).
+    /// The CPU backend.
     Cpu,
-    /// The device model on the GPU: hand-written kernels and cuBLAS.
+    /// The CUDA backend (hand-written kernels and cuBLAS) on GPU 0; an error without one.
     Cuda,
     /// `cuda` where a GPU answers, else `cpu` (one line says why).
     Auto,
-    /// The device model on the kernels' CPU twins: the GPU program's memory, on the CPU.
-    Twin,
 }
 
 impl From<DeviceArg> for DeviceRequest {
@@ -47,7 +42,6 @@ impl From<DeviceArg> for DeviceRequest {
             DeviceArg::Cpu => DeviceRequest::Cpu,
             DeviceArg::Cuda => DeviceRequest::Cuda,
             DeviceArg::Auto => DeviceRequest::Auto,
-            DeviceArg::Twin => DeviceRequest::Twin,
         }
     }
 }
@@ -70,9 +64,8 @@ struct Args {
     /// Memory budget of the pool: bytes, or with a unit KiB, MiB, GiB (e.g. 16GiB, 1.5GiB).
     #[arg(long, default_value = "16GiB")]
     mem_budget: String,
-    /// Where to run: cpu (the reference model), cuda (the device model on the GPU; without a
-    /// usable GPU one line says why and the CPU runs), auto, or twin (the device model on the
-    /// kernels' CPU twins).
+    /// Where to run: cpu, cuda (GPU 0; an error where none answers; with --plan, the GPU's
+    /// plan without a GPU), or auto (cuda where a GPU answers, else the CPU).
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// On the GPU, run the dense products in TF32 on tensor cores (f32 accumulation; about
@@ -82,10 +75,9 @@ struct Args {
     /// Print the plan and exit.
     #[arg(long)]
     plan: bool,
-    /// Activation storage of the device model (`--device cuda|twin`): its head-layout
-    /// activations (q, k, v, attention output and its gradient) in bf16, read as f32 by the
-    /// kernels; the reversible streams, parameters and gradients stay f32. The CPU reference
-    /// runs f32 (its printed plan for bf16 is an estimate).
+    /// Activation storage: the head-layout activations (q, k, v, attention output and its
+    /// gradient) in bf16, read as f32 by the kernels; the reversible streams, parameters and
+    /// gradients stay f32. On the CPU the values are rounded as the GPU rounds them, held in f32.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
     /// Training steps (forward, backward, Adam) to run.
@@ -257,14 +249,22 @@ fn data(args: &Args) -> AnyResult<TextData> {
 fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) -> AnyResult<()> {
     let budget = parse_bytes(&args.mem_budget)?;
     let cfg = model_config(args)?;
-    let runner = select(args.device.into());
-    let device = runner.device();
     let dtype = match args.dtype {
         DTypeArg::F32 => DType::F32,
         DTypeArg::Bf16 => DType::BF16,
     };
+    // `--device cuda --plan` plans the GPU program without a GPU.
+    let runner = if args.plan && args.device == DeviceArg::Cuda {
+        Runner::Cuda(0)
+    } else {
+        select(args.device.into())?
+    };
     let len = args.len;
     let threads = rayon::current_num_threads();
+    let target = match runner {
+        Runner::Cuda(_) => PlanTarget::Cuda,
+        Runner::Cpu => PlanTarget::Cpu { threads },
+    };
     let put =
         |m: &mut serde_json::Map<String, serde_json::Value>, k: &str, v: serde_json::Value| {
             m.insert(k.to_string(), v);
@@ -274,13 +274,10 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     put(summary, "layers", cfg.n_layers.into());
     put(summary, "rounds", cfg.n_rounds.into());
     put(summary, "eval_rounds", cfg.eval_rounds.into());
-    put(summary, "device", device.to_string().into());
     put(summary, "runner", format!("{runner:?}").into());
     put(summary, "budget_bytes", budget.into());
     put(summary, "threads", threads.into());
-
-    let train_plan = MemoryPlan::for_training_step(&cfg, len, device, dtype)?;
-    let infer_plan = MemoryPlan::for_inference(&cfg, len, device, dtype)?;
+    put(summary, "act_dtype", format!("{dtype:?}").into());
     println!(
         "{} preset: {} layers ({}), d_model {}, {} × {} heads, rounds {} (eval {}), {} tokens; \
          budget {}; {threads} threads",
@@ -299,19 +296,21 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
         len,
         human_bytes(budget)
     );
+    let train_plan = MemoryPlan::new(&cfg, len, true, target, dtype)?;
+    let infer_plan = MemoryPlan::new(&cfg, len, false, target, dtype)?;
     println!("{train_plan}");
     println!("{infer_plan}");
-    put(summary, "train_plan_bytes", train_plan.total.into());
-    put(summary, "infer_plan_bytes", infer_plan.total.into());
+    put(summary, "train_plan_bytes", train_plan.peak.into());
+    put(summary, "infer_plan_bytes", infer_plan.peak.into());
     for (name, p, n) in [
         ("training step", &train_plan, args.steps),
         ("inference pass", &infer_plan, args.infer),
     ] {
-        if n > 0 && !p.fits(budget) {
+        if n > 0 && p.peak > budget {
             println!(
                 "the plan puts a {name} at {}, {} above the budget of {}{}",
-                human_bytes(p.total),
-                human_bytes(p.total - budget),
+                human_bytes(p.peak),
+                human_bytes(p.peak - budget),
                 human_bytes(budget),
                 if args.plan {
                     ""
@@ -321,36 +320,12 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
             );
         }
     }
-    // The device program's own plan (a dry run of its allocations): what a GPU run is
-    // measured against. Shown for `--device cuda` even where no GPU answers.
-    let device_plans =
-        if matches!(args.device, DeviceArg::Cuda) || matches!(runner, Runner::Cuda(_)) {
-            let t = DevicePlan::with_act_dtype(&cfg, len, true, dtype)?;
-            let i = DevicePlan::with_act_dtype(&cfg, len, false, dtype)?;
-            println!("{t}");
-            println!("{i}");
-            put(summary, "device_train_plan_bytes", t.peak.into());
-            put(summary, "device_infer_plan_bytes", i.peak.into());
-            Some((t.peak, i.peak))
-        } else {
-            None
-        };
     if args.plan {
         return Ok(());
     }
-    // The run uses the f32 plan (the engine stores f32).
-    let (train_plan, infer_plan) = if dtype == DType::F32 {
-        (train_plan, infer_plan)
-    } else {
-        (
-            MemoryPlan::for_training_step(&cfg, len, device, DType::F32)?,
-            MemoryPlan::for_inference(&cfg, len, device, DType::F32)?,
-        )
-    };
-
     let data = data(args)?;
     let window = data.train_window(args.seed, 0, len)?.to_vec();
-    let plans = device_plans.unwrap_or((train_plan.total, infer_plan.total));
+    let plans = (train_plan.peak, infer_plan.peak);
     match runner {
         Runner::Cuda(ordinal) => {
             let backend = CudaBackend::new(ordinal, Some(budget))
@@ -358,134 +333,25 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
                 .with_act_dtype(dtype)?;
             backend.set_tf32(args.tf32)?;
             put(summary, "tf32", args.tf32.into());
-            put(summary, "act_dtype", format!("{dtype:?}").into());
             println!(
                 "device: {}; dense products in {}; activations in {dtype:?}",
                 backend.describe(),
                 if args.tf32 { "TF32" } else { "f32" }
             );
-            return device_model(backend, &cfg, args, &window, plans, summary);
+            run_model(backend, &cfg, args, &window, plans, summary)
         }
-        Runner::Twin => {
+        Runner::Cpu => {
             let pool = MemoryPool::with_budget(budget);
-            let backend = HostBackend::new(&pool).with_act_dtype(dtype)?;
-            put(summary, "act_dtype", format!("{dtype:?}").into());
-            println!(
-                "device: {}; activations in {dtype:?} (held as f32 values on the host)",
-                backend.describe()
-            );
-            return device_model(backend, &cfg, args, &window, plans, summary);
-        }
-        Runner::Reference => {
-            if dtype != DType::F32 {
-                println!(
-                    "--dtype {dtype:?}: the CPU reference model stores f32 (bf16 storage is the \
-                     device model's: --device cuda or twin); running f32"
-                );
-            }
+            let backend = CpuBackend::new(&pool).with_act_dtype(dtype)?;
+            println!("device: {}; activations in {dtype:?}", backend.describe());
+            run_model(backend, &cfg, args, &window, plans, summary)
         }
     }
-    let pool = MemoryPool::with_budget(budget);
-    let mut train_peak = 0usize;
-    let mut model = if args.steps > 0 {
-        let schedule = LrSchedule {
-            warmup: 1,
-            total_steps: args.steps as u64,
-            ..LrSchedule::default()
-        };
-        let mut trainer = Trainer::new(
-            &cfg,
-            &pool,
-            data,
-            len,
-            args.seed,
-            schedule,
-            AdamConfig::default(),
-        )
-        .map_err(|e| describe(&e))?;
-        let mut times = Vec::new();
-        for step in 0..args.steps {
-            pool.reset_peak();
-            let t0 = Instant::now();
-            let stats = trainer
-                .step()
-                .map_err(|e| format!("training step {step} stopped: {}", describe(&e)))?;
-            let dt = t0.elapsed().as_secs_f64();
-            times.push(dt);
-            let peak = pool.peak_bytes();
-            train_peak = train_peak.max(peak);
-            println!(
-                "train step {step}: {dt:.2} s, {:.0} tokens/s, loss {:.3}; pool peak {} \
-                 (plan {}, measured/plan {:.4}); peak RSS {}",
-                len as f64 / dt,
-                stats.loss,
-                human_bytes(peak),
-                human_bytes(train_plan.total),
-                peak as f64 / train_plan.total as f64,
-                rss_text()
-            );
-        }
-        let mean = times.iter().sum::<f64>() / times.len() as f64;
-        put(summary, "train_steps", args.steps.into());
-        put(summary, "train_s_per_step", mean.into());
-        put(summary, "train_tokens_per_s", (len as f64 / mean).into());
-        put(summary, "train_peak_bytes", train_peak.into());
-        put(
-            summary,
-            "train_measured_over_plan",
-            (train_peak as f64 / train_plan.total as f64).into(),
-        );
-        // Inference runs without the optimizer state, as planned.
-        let Trainer { model, .. } = trainer;
-        model
-    } else {
-        ReformerLm::new(&cfg, &pool).map_err(|e| describe(&e))?
-    };
-
-    if args.infer > 0 {
-        model.set_rounds(cfg.eval_rounds)?;
-        let mut times = Vec::new();
-        let mut infer_peak = 0usize;
-        for pass in 0..args.infer {
-            pool.reset_peak();
-            let t0 = Instant::now();
-            let loss = model
-                .eval_loss(&window, &StepContext::eval(pass as u64))
-                .map_err(|e| format!("inference pass {pass} stopped: {}", describe(&e)))?;
-            let dt = t0.elapsed().as_secs_f64();
-            times.push(dt);
-            let peak = pool.peak_bytes();
-            infer_peak = infer_peak.max(peak);
-            println!(
-                "inference pass {pass}: {dt:.2} s, {:.0} tokens/s, loss {loss:.3}; pool peak {} \
-                 (plan {}, measured/plan {:.4}); peak RSS {}",
-                len as f64 / dt,
-                human_bytes(peak),
-                human_bytes(infer_plan.total),
-                peak as f64 / infer_plan.total as f64,
-                rss_text()
-            );
-        }
-        let mean = times.iter().sum::<f64>() / times.len() as f64;
-        put(summary, "infer_passes", args.infer.into());
-        put(summary, "infer_s_per_pass", mean.into());
-        put(summary, "infer_tokens_per_s", (len as f64 / mean).into());
-        put(summary, "infer_peak_bytes", infer_peak.into());
-        put(
-            summary,
-            "infer_measured_over_plan",
-            (infer_peak as f64 / infer_plan.total as f64).into(),
-        );
-    }
-    if let Some(rss) = peak_rss() {
-        put(summary, "peak_rss_bytes", rss.into());
-    }
-    Ok(())
 }
 
-/// Training steps and inference passes of the device model on `backend`: the same report as
-/// the reference path, with the device pool's peak (and, on a GPU, the driver's reading).
-fn device_model<B: Backend>(
+/// Training steps and inference passes of the model on `backend`: times, the pool's peak
+/// against the plan (and, on a GPU, the driver's reading), peak RSS.
+fn run_model<B: Backend>(
     backend: B,
     cfg: &ModelConfig,
     args: &Args,
@@ -499,18 +365,13 @@ fn device_model<B: Backend>(
             m.insert(k.to_string(), v);
         };
     put(summary, "backend", backend.describe().into());
-    // Parameters are drawn on the host (as the reference model draws them) and uploaded.
-    let mut lm = {
-        let host_pool = MemoryPool::unlimited();
-        let host = ReformerLm::new(cfg, &host_pool)?;
-        DeviceLm::from_model(backend, &host).map_err(|e| describe(&e))?
-    };
+    let mut lm = ReformerLm::new(backend, cfg).map_err(|e| describe(&e))?;
     let schedule = LrSchedule {
         warmup: 1,
         total_steps: args.steps as u64,
         ..LrSchedule::default()
     };
-    let driver = |lm: &DeviceLm<B>| {
+    let driver = |lm: &ReformerLm<B>| {
         lm.backend()
             .driver_used_bytes()
             .map(|b| format!("; driver reports {} in use", human_bytes(b)))
@@ -519,7 +380,7 @@ fn device_model<B: Backend>(
     let phase = |name: &str,
                  n: usize,
                  plan: usize,
-                 lm: &mut DeviceLm<B>,
+                 lm: &mut ReformerLm<B>,
                  summary: &mut serde_json::Map<String, serde_json::Value>,
                  train: bool|
      -> AnyResult<()> {

@@ -12,21 +12,21 @@
 //! prints a generated sample at the end.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use reformer::backend::{select, Backend, CpuBackend, CudaBackend, DeviceRequest, Runner};
 use reformer::checkpoint;
 use reformer::checkpoint::Checkpoint;
 use reformer::config::Attention;
 use reformer::data::{TextData, DEFAULT_VALID_FRACTION};
-use reformer::device::{
-    select, Backend, CudaBackend, DeviceRequest, DeviceTrainer, HostBackend, Runner,
-};
 use reformer::train::bits;
-use reformer::{generate, AdamConfig, LrSchedule, ModelConfig, ReformerLm, SampleOptions, Trainer};
+use reformer::{
+    generate, param_specs, AdamConfig, LrSchedule, ModelConfig, SampleOptions, Trainer,
+};
 use reformer_engine::{DType, MemoryPool};
 
 const DEFAULT_TEXT: &str = "data/shakespeare.txt";
@@ -41,7 +41,6 @@ enum DeviceArg {
     Cpu,
     Cuda,
     Auto,
-    Twin,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,111 +49,19 @@ enum DTypeArg {
     Bf16,
 }
 
-/// How the device model runs: dense products in TF32, activations in bf16.
-#[derive(Debug, Clone, Copy)]
-struct DeviceOptions {
-    tf32: bool,
-    act: DType,
-}
-
 impl From<DeviceArg> for DeviceRequest {
     fn from(a: DeviceArg) -> Self {
         match a {
             DeviceArg::Cpu => DeviceRequest::Cpu,
             DeviceArg::Cuda => DeviceRequest::Cuda,
             DeviceArg::Auto => DeviceRequest::Auto,
-            DeviceArg::Twin => DeviceRequest::Twin,
-        }
-    }
-}
-
-/// The trainer on the chosen device.
-enum AnyTrainer {
-    Cpu(Box<Trainer>),
-    Cuda(Box<DeviceTrainer<CudaBackend>>),
-    Twin(Box<DeviceTrainer<HostBackend>>),
-}
-
-/// `$body` with `$t` bound to whichever trainer runs (they share the training API).
-macro_rules! on_trainer {
-    ($self:expr, $t:ident => $body:expr) => {
-        match $self {
-            AnyTrainer::Cpu($t) => $body,
-            AnyTrainer::Cuda($t) => $body,
-            AnyTrainer::Twin($t) => $body,
-        }
-    };
-}
-
-impl AnyTrainer {
-    fn step(&mut self) -> reformer::Result<reformer::StepStats> {
-        on_trainer!(self, t => t.step())
-    }
-
-    fn evaluate_len(
-        &mut self,
-        len: usize,
-        windows: usize,
-        rounds: Option<usize>,
-    ) -> reformer::Result<Option<f32>> {
-        on_trainer!(self, t => t.evaluate_len(len, windows, rounds))
-    }
-
-    fn save(&self, path: &std::path::Path) -> reformer::Result<()> {
-        on_trainer!(self, t => t.save(path))
-    }
-
-    fn state(&self) -> &reformer::TrainState {
-        on_trainer!(self, t => &t.state)
-    }
-
-    fn state_mut(&mut self) -> &mut reformer::TrainState {
-        on_trainer!(self, t => &mut t.state)
-    }
-
-    fn data(&self) -> &TextData {
-        on_trainer!(self, t => &t.data)
-    }
-
-    fn batch(&self) -> usize {
-        on_trainer!(self, t => t.batch)
-    }
-
-    fn config(&self) -> ModelConfig {
-        match self {
-            AnyTrainer::Cpu(t) => t.model.config().clone(),
-            AnyTrainer::Cuda(t) => t.lm.config().clone(),
-            AnyTrainer::Twin(t) => t.lm.config().clone(),
-        }
-    }
-
-    /// The model on the host, for sampling (the CPU trainer's own; a device's downloaded).
-    fn host_model(&mut self, pool: &MemoryPool) -> reformer::Result<HostModel<'_>> {
-        Ok(match self {
-            AnyTrainer::Cpu(t) => HostModel::Borrowed(&mut t.model),
-            AnyTrainer::Cuda(t) => HostModel::Owned(Box::new(t.to_host(pool)?.0)),
-            AnyTrainer::Twin(t) => HostModel::Owned(Box::new(t.to_host(pool)?.0)),
-        })
-    }
-}
-
-enum HostModel<'a> {
-    Borrowed(&'a mut ReformerLm),
-    Owned(Box<ReformerLm>),
-}
-
-impl HostModel<'_> {
-    fn get(&mut self) -> &mut ReformerLm {
-        match self {
-            HostModel::Borrowed(m) => m,
-            HostModel::Owned(m) => m,
         }
     }
 }
 
 /// How a run starts (built once, on the stack; the size difference does not matter).
 #[allow(clippy::large_enum_variant)]
-enum Start<'a> {
+enum Start {
     Fresh {
         cfg: ModelConfig,
         seq_len: usize,
@@ -162,15 +69,15 @@ enum Start<'a> {
         schedule: LrSchedule,
         adam: AdamConfig,
     },
-    Resume(&'a Checkpoint),
+    Resume(Box<Checkpoint>),
 }
 
-fn device_trainer<B: Backend>(
+fn trainer<B: Backend>(
     b: B,
     start: &Start,
     data: TextData,
     batch: usize,
-) -> reformer::Result<DeviceTrainer<B>> {
+) -> reformer::Result<Trainer<B>> {
     Ok(match start {
         Start::Fresh {
             cfg,
@@ -178,73 +85,17 @@ fn device_trainer<B: Backend>(
             seed,
             schedule,
             adam,
-        } => DeviceTrainer::new(b, cfg, data, *seq_len, *seed, *schedule, *adam)?,
-        Start::Resume(ck) => DeviceTrainer::from_checkpoint(b, ck, data)?,
+        } => Trainer::new(b, cfg, data, *seq_len, *seed, *schedule, *adam)?,
+        Start::Resume(ck) => Trainer::from_checkpoint(b, ck, data)?,
     }
     .with_batch(batch))
 }
 
-fn device_options(args: &Args) -> DeviceOptions {
-    DeviceOptions {
-        tf32: args.tf32,
-        act: match args.dtype {
-            DTypeArg::F32 => DType::F32,
-            DTypeArg::Bf16 => DType::BF16,
-        },
+fn act_dtype(args: &Args) -> DType {
+    match args.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::Bf16 => DType::BF16,
     }
-}
-
-/// The trainer `runner` asks for (the CPU's, or the device model on a GPU or on the CPU
-/// twins), started as `start`.
-fn build(
-    runner: Runner,
-    opts: DeviceOptions,
-    start: &Start,
-    pool: &MemoryPool,
-    data: TextData,
-    batch: usize,
-) -> AnyResult<AnyTrainer> {
-    Ok(match runner {
-        Runner::Cuda(ordinal) => {
-            let b = CudaBackend::new(ordinal, None)?.with_act_dtype(opts.act)?;
-            b.set_tf32(opts.tf32)?;
-            eprintln!(
-                "device: {}; dense products in {}; activations in {:?}",
-                b.describe(),
-                if opts.tf32 { "TF32" } else { "f32" },
-                opts.act
-            );
-            AnyTrainer::Cuda(Box::new(device_trainer(b, start, data, batch)?))
-        }
-        Runner::Twin => {
-            let b = HostBackend::new(&MemoryPool::unlimited()).with_act_dtype(opts.act)?;
-            eprintln!("device: {}; activations in {:?}", b.describe(), opts.act);
-            AnyTrainer::Twin(Box::new(device_trainer(b, start, data, batch)?))
-        }
-        Runner::Reference => {
-            if opts.act != DType::F32 {
-                eprintln!(
-                    "--dtype {:?}: the CPU reference model stores f32 (bf16 activation storage \
-                     is the device model's: --device cuda, auto with a GPU, or twin); training \
-                     in f32",
-                    opts.act
-                );
-            }
-            AnyTrainer::Cpu(Box::new(
-                match start {
-                    Start::Fresh {
-                        cfg,
-                        seq_len,
-                        seed,
-                        schedule,
-                        adam,
-                    } => Trainer::new(cfg, pool, data, *seq_len, *seed, *schedule, *adam)?,
-                    Start::Resume(ck) => Trainer::from_checkpoint(ck, pool, data)?,
-                }
-                .with_batch(batch),
-            ))
-        }
-    })
 }
 
 #[derive(Parser, Debug)]
@@ -257,19 +108,18 @@ struct Args {
     /// Model preset: tiny, cp6, deep20, wide20.
     #[arg(long, default_value = "cp6")]
     preset: String,
-    /// Where to train: cpu (the reference model), cuda (the device model on the GPU: the
-    /// hand-written kernels and cuBLAS; without a usable GPU one line says why and the CPU
-    /// trains), auto (cuda where a GPU answers), or twin (the device model on the kernels'
-    /// CPU twins). Checkpoints are the same format on every device.
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Where to train: cpu, cuda (the hand-written kernels and cuBLAS on GPU 0; an error
+    /// where no GPU answers), or auto (cuda where a GPU answers, else the CPU, saying why).
+    /// The same model and checkpoints on every device.
+    #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// With --device cuda: dense products in TF32 on tensor cores (f32 accumulation).
     #[arg(long)]
     tf32: bool,
-    /// Activation storage of the device model (--device cuda|auto|twin): bf16 stores its
-    /// head-layout activations (q, k, v, attention output and its gradient) in bf16, read as
-    /// f32 by the kernels; the reversible streams, parameters, gradients and Adam moments stay
-    /// f32. The CPU reference model runs f32 only.
+    /// Activation storage: bf16 stores the head-layout activations (q, k, v, attention output
+    /// and its gradient) in bf16, read as f32 by the kernels; the reversible streams,
+    /// parameters, gradients and Adam moments stay f32. On the CPU the values are rounded as
+    /// the GPU rounds them (the memory saving is the GPU's).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
     /// Tokens (bytes) per training window; at most the preset's axial capacity.
@@ -385,9 +235,8 @@ fn run(args: &Args) -> AnyResult<()> {
     let path = text_path(args)?;
     std::fs::create_dir_all(&args.out)?;
     let ckpt_path = args.out.join("checkpoint.safetensors");
-    let pool = MemoryPool::unlimited();
 
-    let mut trainer = match &args.resume {
+    let (start, data) = match &args.resume {
         Some(from) => {
             let from = from.clone().unwrap_or_else(|| ckpt_path.clone());
             let ck = checkpoint::load(&from)?;
@@ -397,29 +246,9 @@ fn run(args: &Args) -> AnyResult<()> {
                     ck.state.seq_len, args.seq_len
                 );
             }
+            eprintln!("resuming {} at step {}", from.display(), ck.state.step);
             let data = TextData::load(&path, DEFAULT_VALID_FRACTION, ck.state.seq_len)?;
-            // The batch is not in the checkpoint: the run continues exactly when --batch is
-            // the one it was started with.
-            let runner = select(args.device.into());
-            let mut t = build(
-                runner,
-                device_options(args),
-                &Start::Resume(&ck),
-                &pool,
-                data,
-                args.batch,
-            )?;
-            eprintln!("resumed {} at step {}", from.display(), t.state().step);
-            let state = t.state_mut();
-            if let Some(steps) = args.steps.filter(|&s| s != state.schedule.total_steps) {
-                eprintln!(
-                    "schedule length changed from {} to {steps} steps (the learning rate from \
-                     here on differs from the original run's)",
-                    state.schedule.total_steps
-                );
-                state.schedule.total_steps = steps;
-            }
-            t
+            (Start::Resume(Box::new(ck)), data)
         }
         None => {
             let mut cfg = ModelConfig::preset(&args.preset)?;
@@ -461,18 +290,49 @@ fn run(args: &Args) -> AnyResult<()> {
                 schedule,
                 adam,
             };
-            build(
-                select(args.device.into()),
-                device_options(args),
-                &start,
-                &pool,
-                data,
-                args.batch,
-            )?
+            (start, data)
         }
     };
-    let cfg = trainer.config();
-    let seq_len = trainer.state().seq_len;
+    // The batch is not in the checkpoint: a resumed run continues exactly when --batch is the
+    // one it was started with.
+    let act = act_dtype(args);
+    match select(args.device.into())? {
+        Runner::Cuda(ordinal) => {
+            let b = CudaBackend::new(ordinal, None)?.with_act_dtype(act)?;
+            b.set_tf32(args.tf32)?;
+            eprintln!(
+                "device: {}; dense products in {}; activations in {act:?}",
+                b.describe(),
+                if args.tf32 { "TF32" } else { "f32" },
+            );
+            train(trainer(b, &start, data, args.batch)?, args, &path)
+        }
+        Runner::Cpu => {
+            let b = CpuBackend::new(&MemoryPool::unlimited()).with_act_dtype(act)?;
+            if act != DType::F32 {
+                eprintln!("activations rounded to {act:?} as the GPU stores them");
+            }
+            train(trainer(b, &start, data, args.batch)?, args, &path)
+        }
+    }
+}
+
+/// The training loop, the same on every backend.
+fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, path: &Path) -> AnyResult<()> {
+    let ckpt_path = args.out.join("checkpoint.safetensors");
+    if let Some(steps) = args
+        .steps
+        .filter(|&s| args.resume.is_some() && s != trainer.state.schedule.total_steps)
+    {
+        eprintln!(
+            "schedule length changed from {} to {steps} steps (the learning rate from here on \
+             differs from the original run's)",
+            trainer.state.schedule.total_steps
+        );
+        trainer.state.schedule.total_steps = steps;
+    }
+    let cfg = trainer.lm.config().clone();
+    let seq_len = trainer.state.seq_len;
     let eval_len = args.eval_len.unwrap_or(seq_len);
     let eval_windows = args
         .eval_windows
@@ -480,21 +340,21 @@ fn run(args: &Args) -> AnyResult<()> {
     if eval_len == 0 || eval_len > cfg.max_len() {
         return Err(format!("--eval-len {eval_len} must lie in 1..={}", cfg.max_len()).into());
     }
-    let mut total = trainer.state().schedule.total_steps;
+    let mut total = trainer.state.schedule.total_steps;
     eprintln!(
         "{}: {} train / {} validation bytes; {} layers, d_model {}, {} parameters; {} windows of \
          {seq_len} tokens per step; steps {}..{total}",
         path.display(),
-        trainer.data().train.len(),
-        trainer.data().valid.len(),
+        trainer.data.train.len(),
+        trainer.data.valid.len(),
         cfg.n_layers,
         cfg.d_model,
-        reformer::device::param_specs(&cfg)
+        param_specs(&cfg)
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
             .sum::<usize>(),
-        trainer.batch(),
-        trainer.state().step,
+        trainer.batch,
+        trainer.state.step,
     );
 
     let metrics_path = args.out.join("metrics.csv");
@@ -519,19 +379,19 @@ fn run(args: &Args) -> AnyResult<()> {
         )?
         .progress_chars("=> "),
     );
-    pb.set_position(trainer.state().step);
+    pb.set_position(trainer.state.step);
 
     let start = Instant::now();
     let deadline = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
     // The schedule follows the time budget on a fresh run that did not fix --steps.
     let fit_schedule = deadline.filter(|_| args.resume.is_none() && args.steps.is_none());
-    let first_step = trainer.state().step;
+    let first_step = trainer.state.step;
     let mut next_fit = SCHEDULE_FIT_STEPS;
     let save_every = args.save_every.unwrap_or(args.eval_every);
     let mut smooth: Option<f32> = None;
     let mut run_tokens = 0u64;
     let mut stopped_early = false;
-    while trainer.state().step < total {
+    while trainer.state.step < total {
         if deadline.is_some_and(|d| start.elapsed() >= d) {
             stopped_early = true;
             break;
@@ -549,21 +409,21 @@ fn run(args: &Args) -> AnyResult<()> {
             bits(ema),
             s.grad_norm
         );
-        if pb.is_hidden() && trainer.state().step % 25 == 0 {
+        if pb.is_hidden() && trainer.state.step % 25 == 0 {
             // No terminal: a plain status line now and then instead of the bar.
-            eprintln!("step {}/{total}: {msg}", trainer.state().step);
+            eprintln!("step {}/{total}: {msg}", trainer.state.step);
         }
         pb.set_message(msg);
-        pb.set_position(trainer.state().step);
+        pb.set_position(trainer.state.step);
 
-        let step = trainer.state().step;
+        let step = trainer.state.step;
         if let Some(budget) = fit_schedule.filter(|_| step - first_step == next_fit) {
             next_fit *= 2;
             let per_step = start.elapsed().as_secs_f64() / (step - first_step) as f64;
             let left = budget.as_secs_f64() - start.elapsed().as_secs_f64();
             let fitted = step + (0.95 * left / per_step).max(1.0) as u64;
             if fitted != total {
-                trainer.state_mut().schedule.total_steps = fitted;
+                trainer.state.schedule.total_steps = fitted;
                 total = fitted;
                 pb.set_length(total);
                 let line = format!(
@@ -598,7 +458,7 @@ fn run(args: &Args) -> AnyResult<()> {
         writeln!(
             metrics,
             "{step},{},{:.3},{:.5},{:.5},{:.6e},{:.4},{tps:.1},{val}",
-            trainer.state().tokens_seen,
+            trainer.state.tokens_seen,
             start.elapsed().as_secs_f64(),
             s.loss,
             bits(s.loss),
@@ -614,21 +474,21 @@ fn run(args: &Args) -> AnyResult<()> {
     if stopped_early {
         eprintln!(
             "time budget reached at step {} of {total}; resume with --resume",
-            trainer.state().step
+            trainer.state.step
         );
     }
     if let Some(v) = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds)? {
         eprintln!(
             "final validation: {:.4} bits/byte after {} steps ({} tokens); checkpoint {}",
             bits(v),
-            trainer.state().step,
-            trainer.state().tokens_seen,
+            trainer.state.step,
+            trainer.state.tokens_seen,
             ckpt_path.display()
         );
     }
 
     if args.sample_tokens > 0 {
-        let prompt = sample_prompt(&trainer.data().valid);
+        let prompt = sample_prompt(&trainer.data.valid);
         let opts = SampleOptions {
             rounds: args.eval_rounds,
             ..SampleOptions::default()
@@ -640,8 +500,7 @@ fn run(args: &Args) -> AnyResult<()> {
         let mut out = std::io::stdout().lock();
         out.write_all(&prompt)?;
         out.flush()?;
-        let mut model = trainer.host_model(&pool)?;
-        generate(model.get(), &prompt, args.sample_tokens, &opts, |b| {
+        generate(&mut trainer.lm, &prompt, args.sample_tokens, &opts, |b| {
             let _ = out.write_all(&[b]);
             let _ = out.flush();
         })?;

@@ -15,14 +15,12 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use reformer_engine::Tensor;
 use safetensors::SafeTensors;
 use thiserror::Error;
 
 use crate::config::ModelConfig;
-use crate::model::ReformerLm;
-use crate::optim::{Adam, AdamConfig, LrSchedule};
-use crate::param::HasParams;
+use crate::model::param_specs;
+use crate::optim::{AdamConfig, LrSchedule};
 
 /// Version of the layout and metadata written here.
 pub const FORMAT_VERSION: u32 = 1;
@@ -77,6 +75,26 @@ pub struct TrainState {
     pub data_seed: u64,
     pub schedule: LrSchedule,
     pub adam: AdamConfig,
+}
+
+/// A model's parameters and optimizer state on the host, in the model's parameter order
+/// ([`param_specs`]): what a checkpoint holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub config: ModelConfig,
+    pub names: Vec<String>,
+    pub shapes: Vec<Vec<usize>>,
+    pub values: Vec<Vec<f32>>,
+    /// Adam's moments; `None` before the first update (saved as zeros).
+    pub moments: Option<Moments>,
+}
+
+/// Adam's first and second moments per parameter, and the updates made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    pub m: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub step: u64,
 }
 
 fn f32_bits(x: f32) -> String {
@@ -173,10 +191,6 @@ impl Checksum {
     }
 }
 
-fn tensor_bytes(t: &Tensor) -> &[u8] {
-    bytemuck::cast_slice(t.data())
-}
-
 fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
@@ -206,42 +220,66 @@ pub fn temp_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Writes `model`, `adam` and `state` to `path` atomically.
-pub fn save(path: &Path, model: &ReformerLm, adam: &Adam, state: &TrainState) -> CkResult<()> {
-    let params = model.params();
-    if adam.m.len() != params.len() || adam.v.len() != params.len() {
-        return Err(CheckpointError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!(
-                "optimizer state has {} moments for {} parameters",
-                adam.m.len(),
-                params.len()
-            ),
-        });
+/// Writes `snap` and `state` to `path` atomically.
+pub fn save(path: &Path, snap: &Snapshot, state: &TrainState) -> CkResult<()> {
+    let n = snap.values.len();
+    let bad = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if snap.names.len() != n || snap.shapes.len() != n {
+        return Err(bad(format!(
+            "{} names and {} shapes for {n} parameters",
+            snap.names.len(),
+            snap.shapes.len()
+        )));
     }
-    let mut tensors: Vec<(String, &Tensor)> = Vec::with_capacity(3 * params.len());
-    for (i, p) in params.iter().enumerate() {
-        tensors.push((format!("param.{i:04}.{}", p.name), &p.value));
-        tensors.push((format!("adam.m.{i:04}.{}", p.name), &adam.m[i]));
-        tensors.push((format!("adam.v.{i:04}.{}", p.name), &adam.v[i]));
+    let zeros: Vec<Vec<f32>>;
+    let (m, v) = match &snap.moments {
+        Some(mo) => (&mo.m, &mo.v),
+        None => {
+            zeros = snap.values.iter().map(|x| vec![0.0; x.len()]).collect();
+            (&zeros, &zeros)
+        }
+    };
+    if m.len() != n || v.len() != n {
+        return Err(bad(format!(
+            "optimizer state has {} moments for {n} parameters",
+            m.len()
+        )));
+    }
+    let mut tensors: Vec<(String, &[usize], &[f32])> = Vec::with_capacity(3 * n);
+    for (i, name) in snap.names.iter().enumerate() {
+        let shape = &snap.shapes[i][..];
+        let numel: usize = shape.iter().product();
+        for (what, data) in [
+            ("param", &snap.values[i]),
+            ("adam.m", &m[i]),
+            ("adam.v", &v[i]),
+        ] {
+            if data.len() != numel {
+                return Err(bad(format!(
+                    "{what} `{name}` holds {} values for shape {shape:?}",
+                    data.len()
+                )));
+            }
+            tensors.push((format!("{what}.{i:04}.{name}"), shape, data));
+        }
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     if tensors.windows(2).any(|w| w[0].0 == w[1].0) {
-        return Err(CheckpointError::Corrupt {
-            path: path.to_path_buf(),
-            reason: "two tensors share a name".into(),
-        });
+        return Err(bad("two tensors share a name".into()));
     }
     let mut sum = Checksum::new();
-    for (_, t) in &tensors {
-        sum.update(tensor_bytes(t));
+    for (_, _, t) in &tensors {
+        sum.update(bytemuck::cast_slice(t));
     }
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT_NAME.to_string());
     meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
-    meta.insert("config".to_string(), model.config().to_text());
+    meta.insert("config".to_string(), snap.config.to_text());
     meta.insert("checksum".to_string(), format!("{:016x}", sum.0));
-    meta.insert("n_params".to_string(), params.len().to_string());
+    meta.insert("n_params".to_string(), n.to_string());
     state.to_metadata(&mut meta);
     let mut meta_items: Vec<_> = meta.into_iter().collect();
     meta_items.sort();
@@ -255,9 +293,9 @@ pub fn save(path: &Path, model: &ReformerLm, adam: &Adam, state: &TrainState) ->
     header.push_str(&items.join(","));
     header.push('}');
     let mut offset = 0usize;
-    for (name, t) in &tensors {
-        let bytes = t.size_in_bytes();
-        let shape: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
+    for (name, shape, t) in &tensors {
+        let bytes = std::mem::size_of_val(*t);
+        let shape: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
         header.push_str(&format!(
             ",{}:{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
             json_string(name),
@@ -279,8 +317,8 @@ pub fn save(path: &Path, model: &ReformerLm, adam: &Adam, state: &TrainState) ->
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io_err(&tmp))?;
         w.write_all(header.as_bytes()).map_err(io_err(&tmp))?;
-        for (_, t) in &tensors {
-            w.write_all(tensor_bytes(t)).map_err(io_err(&tmp))?;
+        for (_, _, t) in &tensors {
+            w.write_all(bytemuck::cast_slice(t)).map_err(io_err(&tmp))?;
         }
         w.flush().map_err(io_err(&tmp))?;
         drop(w);
@@ -433,34 +471,33 @@ impl Checkpoint {
         }
     }
 
-    /// Copies the parameters into `model` and, if given, the moments into `adam` (setting its
-    /// step). The model's config must be the checkpoint's.
-    pub fn restore(&self, model: &mut ReformerLm, adam: Option<&mut Adam>) -> CkResult<()> {
-        self.check_config(model.config())?;
+    /// The parameters and (after the first update) Adam's moments stored here, in the
+    /// order and shapes of the checkpoint's config.
+    pub fn restore(&self) -> CkResult<Snapshot> {
         let path = &self.path;
         let st = SafeTensors::deserialize(&self.bytes).map_err(|e| corrupt(path, e.to_string()))?;
-        let copy = |name: &str, dst: &mut Tensor| -> CkResult<()> {
+        let read = |name: &str, shape: &[usize]| -> CkResult<Vec<f32>> {
             let view = st
                 .tensor(name)
                 .map_err(|_| corrupt(path, format!("tensor `{name}` is missing")))?;
-            if view.dtype() != safetensors::Dtype::F32 || view.shape() != dst.shape() {
+            if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape {
                 return Err(corrupt(
                     path,
                     format!(
-                        "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+                        "tensor `{name}` is {:?} {:?}, expected F32 {shape:?}",
                         view.dtype(),
                         view.shape(),
-                        dst.shape()
                     ),
                 ));
             }
-            for (d, b) in dst.data_mut().iter_mut().zip(view.data().chunks_exact(4)) {
-                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-            Ok(())
+            Ok(view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
         };
-        let mut params = model.params_mut();
-        let expected = params.len();
+        let specs = param_specs(&self.config);
+        let expected = specs.len();
         let stored = st
             .names()
             .iter()
@@ -472,24 +509,23 @@ impl Checkpoint {
                 format!("{stored} parameters stored, the model has {expected}"),
             ));
         }
-        for (i, p) in params.iter_mut().enumerate() {
-            let name = format!("param.{i:04}.{}", p.name);
-            copy(&name, &mut p.value)?;
+        let (mut values, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, (name, shape)) in specs.iter().enumerate() {
+            values.push(read(&format!("param.{i:04}.{name}"), shape)?);
+            m.push(read(&format!("adam.m.{i:04}.{name}"), shape)?);
+            v.push(read(&format!("adam.v.{i:04}.{name}"), shape)?);
         }
-        if let Some(adam) = adam {
-            if adam.m.len() != expected {
-                return Err(corrupt(
-                    path,
-                    format!("optimizer has {} moments, model {expected}", adam.m.len()),
-                ));
-            }
-            for (i, p) in params.iter().enumerate() {
-                copy(&format!("adam.m.{i:04}.{}", p.name), &mut adam.m[i])?;
-                copy(&format!("adam.v.{i:04}.{}", p.name), &mut adam.v[i])?;
-            }
-            adam.step = self.state.step;
-            adam.cfg = self.state.adam;
-        }
-        Ok(())
+        let (names, shapes) = specs.into_iter().unzip();
+        Ok(Snapshot {
+            config: self.config.clone(),
+            names,
+            shapes,
+            values,
+            moments: (self.state.step > 0).then_some(Moments {
+                m,
+                v,
+                step: self.state.step,
+            }),
+        })
     }
 }

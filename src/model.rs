@@ -1,55 +1,286 @@
-//! The Reformer language model: byte embedding + axial positions, duplicated into `(X1, X2)`,
-//! the reversible stack, and the chunked LM head. Forward and backward are written by hand;
-//! the stack recomputes its activations in the backward, so what a training step holds does
-//! not grow with depth.
+//! [`ReformerLm`]: the byte-level Reformer language model, written once against the
+//! [`Backend`] trait — embedding and axial positions, the reversible stack with its recomputing
+//! backward ([`crate::layers`]), the chunked LM head and loss, and Adam with global-norm
+//! clipping — so the same program trains on the CPU ([`crate::backend::CpuBackend`]), on a GPU
+//! ([`crate::backend::CudaBackend`]) and plans memory ([`crate::backend::PlanBackend`]).
+//!
+//! Every buffer lives on the backend; the host sees the parameters only through
+//! [`ReformerLm::snapshot`] (to checkpoint) and [`ReformerLm::from_snapshot`] (to resume).
+//! `tests/reference/` holds a deliberately plain model (no reversibility, no chunking, every
+//! activation stored) that this one is checked against on every backend.
 
-use reformer_engine::{MemoryPool, Rng, Tensor};
-use reformer_reversible::{ReversibleStack, StepContext};
+use std::collections::HashMap;
 
-use crate::axial::AxialPositions;
-use crate::config::ModelConfig;
-use crate::embedding::TokenEmbedding;
+use reformer_reversible::{AttentionKind, StepContext};
+
+use crate::backend::{AdamHp, AxialTables, Backend, Strided};
+use crate::checkpoint::{Checkpoint, Moments, Snapshot};
+use crate::config::{ModelConfig, VOCAB};
 use crate::error::{ReformerError, Result};
-use crate::lm_head::LmHead;
-use crate::param::{HasParams, Param};
+use crate::init::initial_values;
+use crate::layers::{blocks, pair_mut, AttnLayer, FfLayer};
+use crate::optim::{AdamConfig, UpdateStats};
 
-pub struct ReformerLm {
-    cfg: ModelConfig,
-    pool: MemoryPool,
-    pub tokens: TokenEmbedding,
-    pub positions: AxialPositions,
-    pub stack: ReversibleStack,
-    pub head: LmHead,
-    rounds: usize,
+/// `(dY1, dY2)` from the head.
+type StreamGrads<B> = (<B as Backend>::Buf, <B as Backend>::Buf);
+
+/// Adam's moments on the backend.
+struct AdamState<B: Backend> {
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    step: u64,
 }
 
-impl ReformerLm {
-    /// A freshly initialised model (all tensors from `pool`), deterministic in `cfg.seed`.
-    pub fn new(cfg: &ModelConfig, pool: &MemoryPool) -> Result<Self> {
+/// The language model on a backend.
+pub struct ReformerLm<B: Backend> {
+    backend: B,
+    cfg: ModelConfig,
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    values: Vec<B::Buf>,
+    grads: Vec<B::Buf>,
+    adam: Option<AdamState<B>>,
+    tokens: usize,
+    axial: (usize, usize),
+    tables: AxialTables,
+    layers: Vec<(AttnLayer, FfLayer)>,
+    head_ln: (usize, usize),
+    head_w: usize,
+    head_b: usize,
+}
+
+fn index(map: &HashMap<String, usize>, name: &str) -> Result<usize> {
+    map.get(name)
+        .copied()
+        .ok_or_else(|| ReformerError::Config(format!("the model has no parameter `{name}`")))
+}
+
+/// Names and shapes of `cfg`'s parameters, the model's
+/// order: embedding, axial tables, each layer's attention then feed-forward, the head.
+pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f, w) = (cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.d_head);
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("embed.tokens".into(), vec![VOCAB, d]),
+        (
+            "embed.axial.0".into(),
+            vec![cfg.axial_shape.0, cfg.axial_dims.0],
+        ),
+        (
+            "embed.axial.1".into(),
+            vec![cfg.axial_shape.1, cfg.axial_dims.1],
+        ),
+    ];
+    for (i, lc) in cfg.layer_configs().iter().enumerate() {
+        let mut p = |name: &str, shape: Vec<usize>| v.push((format!("layers.{i}.{name}"), shape));
+        p("ln_attn.gamma", vec![d]);
+        p("ln_attn.beta", vec![d]);
+        match lc.attention {
+            AttentionKind::Lsh | AttentionKind::Exact => p("attn.w_qk", vec![d, w]),
+            AttentionKind::Local => {
+                p("attn.w_q", vec![d, w]);
+                p("attn.w_k", vec![d, w]);
+            }
+        }
+        p("attn.w_v", vec![d, w]);
+        p("attn.w_o", vec![w, d]);
+        p("ln_ff.gamma", vec![d]);
+        p("ln_ff.beta", vec![d]);
+        p("ff.w1", vec![d, f]);
+        p("ff.b1", vec![f]);
+        p("ff.w2", vec![f, d]);
+        p("ff.b2", vec![d]);
+    }
+    v.push(("head.norm.gamma".into(), vec![2 * d]));
+    v.push(("head.norm.beta".into(), vec![2 * d]));
+    v.push(("head.weight".into(), vec![2 * d, VOCAB]));
+    v.push(("head.bias".into(), vec![VOCAB]));
+    v
+}
+
+impl<B: Backend> ReformerLm<B> {
+    /// A freshly initialised model of `cfg` (deterministic in `cfg.seed`, the same values on
+    /// every backend; see [`crate::init`]).
+    pub fn new(backend: B, cfg: &ModelConfig) -> Result<Self> {
         cfg.validate()?;
-        let rng = Rng::new(cfg.seed);
-        let tokens = TokenEmbedding::new(pool, cfg.d_model, &mut rng.fork(1001))?;
-        let positions =
-            AxialPositions::new(pool, cfg.axial_shape, cfg.axial_dims, &mut rng.fork(1002))?;
-        let stack = ReversibleStack::new(&cfg.layer_configs(), pool)?;
-        let head = LmHead::new(pool, cfg.d_model, cfg.loss_chunk, &mut rng.fork(1003))?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            pool: pool.clone(),
-            tokens,
-            positions,
-            stack,
-            head,
-            rounds: cfg.n_rounds,
+        let specs = param_specs(cfg);
+        let init = initial_values(cfg);
+        let values = specs
+            .iter()
+            .zip(&init)
+            .map(|((_, shape), v)| backend.upload(shape, v))
+            .collect::<Result<Vec<_>>>()?;
+        drop(init);
+        let (names, shapes) = specs.into_iter().unzip();
+        Self::build(backend, cfg, names, shapes, values)
+    }
+
+    /// The model and optimizer state of a host snapshot (a checkpoint's contents), uploaded.
+    pub fn from_snapshot(backend: B, snap: &Snapshot) -> Result<Self> {
+        snap.config.validate()?;
+        let specs = param_specs(&snap.config);
+        let (names, shapes): (Vec<String>, Vec<Vec<usize>>) = specs.into_iter().unzip();
+        if names != snap.names || shapes != snap.shapes || snap.values.len() != names.len() {
+            return Err(ReformerError::Config(
+                "the snapshot's parameters are not those of its config".into(),
+            ));
+        }
+        let up = |vs: &[Vec<f32>]| -> Result<Vec<B::Buf>> {
+            vs.iter()
+                .zip(&shapes)
+                .map(|(v, s)| backend.upload(s, v))
+                .collect()
+        };
+        let values = up(&snap.values)?;
+        let adam = match &snap.moments {
+            Some(mo) if mo.step > 0 => {
+                if mo.m.len() != names.len() || mo.v.len() != names.len() {
+                    return Err(ReformerError::Config(format!(
+                        "optimizer state for {} parameters, the model has {}",
+                        mo.m.len(),
+                        names.len()
+                    )));
+                }
+                Some(AdamState {
+                    m: up(&mo.m)?,
+                    v: up(&mo.v)?,
+                    step: mo.step,
+                })
+            }
+            _ => None,
+        };
+        let mut lm = Self::build(backend, &snap.config, names, shapes, values)?;
+        lm.adam = adam;
+        Ok(lm)
+    }
+
+    /// The model and optimizer state stored in a checkpoint.
+    pub fn from_checkpoint(backend: B, ck: &Checkpoint) -> Result<Self> {
+        Self::from_snapshot(backend, &ck.restore()?)
+    }
+
+    /// The parameters and Adam's moments, downloaded (what a checkpoint holds).
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let down = |bs: &[B::Buf]| -> Result<Vec<Vec<f32>>> {
+            bs.iter().map(|b| self.backend.download(b)).collect()
+        };
+        Ok(Snapshot {
+            config: self.cfg.clone(),
+            names: self.names.clone(),
+            shapes: self.shapes.clone(),
+            values: down(&self.values)?,
+            moments: match &self.adam {
+                None => None,
+                Some(st) => Some(Moments {
+                    m: down(&st.m)?,
+                    v: down(&st.v)?,
+                    step: st.step,
+                }),
+            },
         })
+    }
+
+    /// A model of `cfg` whose parameters are allocated but not initialised: for planning (see
+    /// [`crate::backend::MemoryPlan`]) and for loading values afterwards.
+    pub fn for_config(backend: B, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let specs = param_specs(cfg);
+        let values = specs
+            .iter()
+            .map(|(_, shape)| backend.alloc(shape))
+            .collect::<Result<Vec<_>>>()?;
+        let (names, shapes) = specs.into_iter().unzip();
+        Self::build(backend, cfg, names, shapes, values)
+    }
+
+    fn build(
+        backend: B,
+        cfg: &ModelConfig,
+        names: Vec<String>,
+        shapes: Vec<Vec<usize>>,
+        values: Vec<B::Buf>,
+    ) -> Result<Self> {
+        let grads = shapes
+            .iter()
+            .map(|s| backend.zeros(s))
+            .collect::<Result<Vec<_>>>()?;
+        let map: HashMap<String, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        let cfg = cfg.clone();
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for (i, lc) in cfg.layer_configs().into_iter().enumerate() {
+            let p = |s: &str| index(&map, &format!("layers.{i}.{s}"));
+            let proj = match lc.attention {
+                AttentionKind::Lsh | AttentionKind::Exact => vec![p("attn.w_qk")?, p("attn.w_v")?],
+                AttentionKind::Local => vec![p("attn.w_q")?, p("attn.w_k")?, p("attn.w_v")?],
+            };
+            let attn = AttnLayer {
+                cfg: lc.clone(),
+                layer: i,
+                ln_g: p("ln_attn.gamma")?,
+                ln_b: p("ln_attn.beta")?,
+                proj,
+                w_o: p("attn.w_o")?,
+            };
+            let ff = FfLayer {
+                cfg: lc,
+                layer: i,
+                ln_g: p("ln_ff.gamma")?,
+                ln_b: p("ln_ff.beta")?,
+                w1: p("ff.w1")?,
+                b1: p("ff.b1")?,
+                w2: p("ff.w2")?,
+                b2: p("ff.b2")?,
+            };
+            layers.push((attn, ff));
+        }
+        let tables = AxialTables {
+            a1: cfg.axial_shape.0,
+            a2: cfg.axial_shape.1,
+            d1: cfg.axial_dims.0,
+            d2: cfg.axial_dims.1,
+        };
+        Ok(Self {
+            tokens: index(&map, "embed.tokens")?,
+            axial: (index(&map, "embed.axial.0")?, index(&map, "embed.axial.1")?),
+            tables,
+            layers,
+            head_ln: (
+                index(&map, "head.norm.gamma")?,
+                index(&map, "head.norm.beta")?,
+            ),
+            head_w: index(&map, "head.weight")?,
+            head_b: index(&map, "head.bias")?,
+            backend,
+            cfg,
+            names,
+            shapes,
+            values,
+            grads,
+            adam: None,
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
-    pub fn pool(&self) -> &MemoryPool {
-        &self.pool
+    /// Parameter names, in the model's order (see [`param_specs`]).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Hash rounds of the LSH layers.
+    pub fn rounds(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(self.cfg.n_rounds, |(a, _)| a.cfg.n_rounds)
     }
 
     /// Hash rounds of the LSH layers from now on.
@@ -59,20 +290,65 @@ impl ReformerLm {
                 "LSH attention needs at least one hash round".into(),
             ));
         }
-        if n_rounds != self.rounds {
-            self.stack.set_rounds(n_rounds);
-            self.rounds = n_rounds;
+        for (a, f) in &mut self.layers {
+            a.cfg.n_rounds = n_rounds;
+            f.cfg.n_rounds = n_rounds;
         }
         Ok(())
     }
 
-    pub fn rounds(&self) -> usize {
-        self.rounds
+    /// Frees Adam's moments (e.g. before inference-only passes); the next update starts
+    /// them from zero.
+    pub fn drop_optimizer_state(&mut self) {
+        self.adam = None;
     }
 
-    /// Positions per chunk of the LM head (the loss).
+    /// Sets every gradient to zero.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        for g in &mut self.grads {
+            self.backend.fill(g, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// The parameters' values, downloaded, in the model's order.
+    pub fn download_values(&self) -> Result<Vec<Vec<f32>>> {
+        self.values
+            .iter()
+            .map(|v| self.backend.download(v))
+            .collect()
+    }
+
+    /// Replaces parameter `i`'s values (e.g. for a central-difference check).
+    pub fn set_value(&mut self, i: usize, values: &[f32]) -> Result<()> {
+        let shape = self.shapes.get(i).ok_or_else(|| {
+            ReformerError::InvalidArgument(format!(
+                "parameter {i} of a model with {}",
+                self.shapes.len()
+            ))
+        })?;
+        if shape.iter().product::<usize>() != values.len() {
+            return Err(ReformerError::InvalidArgument(format!(
+                "{} values for parameter `{}` of shape {shape:?}",
+                values.len(),
+                self.names[i]
+            )));
+        }
+        self.values[i] = self.backend.upload(shape, values)?;
+        Ok(())
+    }
+
+    /// Positions per chunk of the LM head (the loss) from now on.
     pub fn set_loss_chunk(&mut self, chunk: usize) {
-        self.head.set_chunk(chunk);
+        self.cfg.loss_chunk = chunk.max(1);
+    }
+
+    /// The parameters' gradients, downloaded, in the model's order.
+    pub fn download_grads(&self) -> Result<Vec<Vec<f32>>> {
+        self.grads
+            .iter()
+            .map(|v| self.backend.download(v))
+            .collect()
     }
 
     fn check_len(&self, len: usize) -> Result<()> {
@@ -85,23 +361,6 @@ impl ReformerLm {
         Ok(())
     }
 
-    /// Embeds `inputs` into `(X1, X2)`, both `[1, len, d_model]`.
-    fn embed(&self, inputs: &[u8]) -> Result<(Tensor, Tensor)> {
-        let len = inputs.len();
-        let mut x = Tensor::zeros(&self.pool, &[1, len, self.cfg.d_model])?;
-        self.tokens.forward(inputs, x.data_mut());
-        self.positions.forward_add(x.data_mut(), len)?;
-        let x2 = x.try_clone()?;
-        Ok((x, x2))
-    }
-
-    /// Runs embedding and stack: `(Y1, Y2)`.
-    fn forward_stack(&mut self, inputs: &[u8], ctx: &StepContext) -> Result<(Tensor, Tensor)> {
-        self.check_len(inputs.len())?;
-        let (x1, x2) = self.embed(inputs)?;
-        Ok(self.stack.forward(x1, x2, ctx)?)
-    }
-
     fn split(tokens: &[u8]) -> Result<(&[u8], &[u8])> {
         if tokens.len() < 2 {
             return Err(ReformerError::InvalidArgument(format!(
@@ -112,16 +371,202 @@ impl ReformerLm {
         Ok((&tokens[..tokens.len() - 1], &tokens[1..]))
     }
 
-    /// Forward and backward of one sequence: `tokens` holds `len + 1` bytes, position `p`
-    /// predicts `tokens[p + 1]`. Returns the mean loss in nats and **adds** the gradients of
-    /// the mean loss to every parameter's `grad` (call [`HasParams::zero_grad`] first).
+    /// `(X1, X2)`: token embedding plus axial positions, duplicated.
+    fn embed(&self, inputs: &[u8]) -> Result<(B::Buf, B::Buf)> {
+        let (b, d, len) = (&self.backend, self.cfg.d_model, inputs.len());
+        let mut x = b.alloc(&[len, d])?;
+        b.embed(inputs, &self.values[self.tokens], &mut x, d)?;
+        b.axial_forward_add(
+            &self.values[self.axial.0],
+            &self.values[self.axial.1],
+            &mut x,
+            len,
+            self.tables,
+        )?;
+        let mut x2 = b.alloc(&[len, d])?;
+        b.copy2d(
+            &x,
+            Strided::new(0, len * d),
+            &mut x2,
+            Strided::new(0, len * d),
+            1,
+            len * d,
+            1.0,
+            false,
+        )?;
+        Ok((x, x2))
+    }
+
+    /// Embedding and the stack: `(Y1, Y2)`.
+    fn forward_stack(&self, inputs: &[u8], ctx: &StepContext) -> Result<(B::Buf, B::Buf)> {
+        self.check_len(inputs.len())?;
+        let len = inputs.len();
+        self.backend.mark("embedding");
+        let (mut y1, mut y2) = self.embed(inputs)?;
+        let (b, vals) = (&self.backend, &self.values[..]);
+        for (i, (attn, ff)) in self.layers.iter().enumerate() {
+            b.mark(&format!(
+                "layer {i} forward: {:?} attention",
+                attn.cfg.attention
+            ));
+            attn.forward_add(b, vals, &y2, &mut y1, 1.0, len, ctx)?;
+            b.mark(&format!("layer {i} forward: feed-forward"));
+            ff.forward_add(b, vals, &y1, &mut y2, 1.0, len, ctx)?;
+        }
+        Ok((y1, y2))
+    }
+
+    /// The head over rows of `(Y1, Y2)` a chunk at a time: the summed loss, and with
+    /// `grad_scale` the gradients `(dY1, dY2)` of `grad_scale ·` loss (head gradients
+    /// accumulate).
+    fn head(
+        &mut self,
+        y1: &B::Buf,
+        y2: &B::Buf,
+        targets: &[u8],
+        grad_scale: Option<f32>,
+    ) -> Result<(f64, Option<StreamGrads<B>>)> {
+        let b = &self.backend;
+        b.mark("LM head and loss");
+        let (d, len) = (self.cfg.d_model, targets.len());
+        let w = 2 * d;
+        let chunk = self.cfg.loss_chunk.max(1);
+        let rows_max = chunk.min(len.max(1));
+        let mut dys = match grad_scale {
+            Some(_) => Some((b.zeros(&[len, d])?, b.zeros(&[len, d])?)),
+            None => None,
+        };
+        let mut hs = HeadRows::new(b, rows_max, w)?;
+        let mut back = match grad_scale {
+            Some(_) => Some((b.alloc(&[rows_max, w])?, b.alloc(&[rows_max, w])?)),
+            None => None,
+        };
+        let (g, beta) = self.head_ln;
+        let mut total = 0.0f64;
+        for (start, rows) in blocks(len, chunk) {
+            self.head_forward(&mut hs, y1, y2, start, rows)?;
+            let vals = &self.values;
+            let HeadRows {
+                h,
+                hn,
+                mean,
+                rstd,
+                logits,
+            } = &mut hs;
+            let losses =
+                b.cross_entropy(logits, &targets[start..start + rows], VOCAB, grad_scale)?;
+            total += losses.iter().map(|&l| l as f64).sum::<f64>();
+            if let (Some((dhn, dh)), Some((dy1, dy2))) = (back.as_mut(), dys.as_mut()) {
+                let grads = &mut self.grads;
+                b.gemm(
+                    &mut grads[self.head_w],
+                    hn,
+                    logits,
+                    w,
+                    rows,
+                    VOCAB,
+                    true,
+                    false,
+                    true,
+                )?;
+                b.column_sums_acc(logits, &mut grads[self.head_b], rows, VOCAB)?;
+                b.gemm(
+                    dhn,
+                    logits,
+                    &vals[self.head_w],
+                    rows,
+                    VOCAB,
+                    w,
+                    false,
+                    true,
+                    false,
+                )?;
+                let (dg, db) = pair_mut(grads, g, beta)?;
+                b.layer_norm_backward(h, &vals[g], mean, rstd, dhn, dh, dg, db, rows, w)?;
+                for (dy, col) in [(dy1, 0), (dy2, d)] {
+                    b.copy2d(
+                        dh,
+                        Strided::new(col, w),
+                        dy,
+                        Strided::new(start * d, d),
+                        rows,
+                        d,
+                        1.0,
+                        false,
+                    )?;
+                }
+            }
+        }
+        Ok((total, dys))
+    }
+
+    /// The head's forward over rows `start..start + rows` of `(Y1, Y2)`: `hs.logits` holds
+    /// their logits (before the loss).
+    fn head_forward(
+        &self,
+        hs: &mut HeadRows<B>,
+        y1: &B::Buf,
+        y2: &B::Buf,
+        start: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let (b, vals, d) = (&self.backend, &self.values, self.cfg.d_model);
+        let w = 2 * d;
+        for (y, col) in [(y1, 0), (y2, d)] {
+            b.copy2d(
+                y,
+                Strided::new(start * d, d),
+                &mut hs.h,
+                Strided::new(col, w),
+                rows,
+                d,
+                1.0,
+                false,
+            )?;
+        }
+        let (g, beta) = self.head_ln;
+        b.layer_norm_forward(
+            &hs.h,
+            &vals[g],
+            &vals[beta],
+            &mut hs.hn,
+            &mut hs.mean,
+            &mut hs.rstd,
+            rows,
+            w,
+        )?;
+        b.gemm(
+            &mut hs.logits,
+            &hs.hn,
+            &vals[self.head_w],
+            rows,
+            w,
+            VOCAB,
+            false,
+            false,
+            false,
+        )?;
+        b.add_bias(&mut hs.logits, &vals[self.head_b], rows, VOCAB)
+    }
+
+    /// The 256 logits predicting the byte after `context` (a full forward over it).
+    pub fn next_logits(&mut self, context: &[u8], ctx: &StepContext) -> Result<Vec<f32>> {
+        let (y1, y2) = self.forward_stack(context, ctx)?;
+        let mut hs = HeadRows::new(&self.backend, 1, 2 * self.cfg.d_model)?;
+        self.head_forward(&mut hs, &y1, &y2, context.len() - 1, 1)?;
+        let mut logits = self.backend.download(&hs.logits)?;
+        logits.truncate(VOCAB);
+        Ok(logits)
+    }
+
+    /// Forward and backward of one sequence of `len + 1` bytes (position `p` predicts byte
+    /// `p + 1`): returns the mean loss in nats and **adds** the gradients of the mean loss to
+    /// the device gradients (call [`ReformerLm::zero_grad`] first).
     pub fn train_step_grads(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f32> {
         let (inputs, targets) = Self::split(tokens)?;
         let len = inputs.len();
         let (y1, y2) = self.forward_stack(inputs, ctx)?;
-        let (sum, dy1, dy2) = self
-            .head
-            .loss_and_backward(&y1, &y2, targets, 1.0 / len as f32)?;
+        let (sum, dys) = self.head(&y1, &y2, targets, Some(1.0 / len as f32))?;
         let loss = (sum / len as f64) as f32;
         if !loss.is_finite() {
             return Err(ReformerError::NonFinite {
@@ -130,63 +575,159 @@ impl ReformerLm {
                 step: ctx.step,
             });
         }
-        let (mut dx1, dx2) = self.stack.backward(y1, y2, dy1, dy2, ctx)?;
-        // X1 and X2 are the same embedding: its gradient is the sum.
-        for (a, b) in dx1.data_mut().iter_mut().zip(dx2.data()) {
-            *a += b;
+        let (mut dx1, mut dx2) =
+            dys.ok_or_else(|| ReformerError::Config("the head returned no gradients".into()))?;
+        let (mut x1, mut x2) = (y1, y2);
+        let b = &self.backend;
+        for (i, (attn, ff)) in self.layers.iter().enumerate().rev() {
+            b.mark(&format!("layer {i} backward: feed-forward"));
+            // Y2 = X2 + FF(Y1): dY1 += FF'ᵀ dY2, X2 = Y2 − FF(Y1).
+            ff.backward(
+                b,
+                &self.values,
+                &mut self.grads,
+                &x1,
+                &dx2,
+                &mut dx1,
+                Some(&mut x2),
+                len,
+                ctx,
+            )?;
+            b.mark(&format!(
+                "layer {i} backward: {:?} attention",
+                attn.cfg.attention
+            ));
+            // Y1 = X1 + Attn(X2): dX2 = dY2 + Attn'ᵀ dY1, X1 = Y1 − Attn(X2).
+            attn.backward(
+                b,
+                &self.values,
+                &mut self.grads,
+                &x2,
+                &dx1,
+                &mut dx2,
+                Some(&mut x1),
+                len,
+                ctx,
+            )?;
         }
-        let dx = dx1.data();
-        self.positions.backward(dx, len)?;
-        self.tokens.backward(inputs, dx);
+        drop((x1, x2));
+        b.mark("embedding backward");
+        // X1 and X2 are the same embedding: its gradient is the sum.
+        let d = self.cfg.d_model;
+        b.copy2d(
+            &dx2,
+            Strided::new(0, len * d),
+            &mut dx1,
+            Strided::new(0, len * d),
+            1,
+            len * d,
+            1.0,
+            true,
+        )?;
+        drop(dx2);
+        let (e1, e2) = pair_mut(&mut self.grads, self.axial.0, self.axial.1)?;
+        b.axial_backward(&dx1, e1, e2, len, self.tables)?;
+        b.embed_backward(inputs, &dx1, &mut self.grads[self.tokens], d)?;
         Ok(loss)
     }
 
-    /// Mean loss (nats) of one sequence of `len + 1` bytes, without gradients, with the
-    /// rounds currently set (see [`ReformerLm::set_rounds`]).
+    /// The summed loss (nats) over the `len` positions of `tokens` (`len + 1` bytes).
+    pub fn eval_loss_sum(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f64> {
+        let (inputs, targets) = Self::split(tokens)?;
+        let (y1, y2) = self.forward_stack(inputs, ctx)?;
+        Ok(self.head(&y1, &y2, targets, None)?.0)
+    }
+
+    /// Mean loss (nats) of `tokens` without gradients.
     pub fn eval_loss(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f32> {
         let sum = self.eval_loss_sum(tokens, ctx)?;
         Ok((sum / (tokens.len() - 1) as f64) as f32)
     }
 
-    /// The summed loss (nats) over the `len` positions of `tokens` (`len + 1` bytes),
-    /// accumulated in f64.
-    pub fn eval_loss_sum(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f64> {
-        let (inputs, targets) = Self::split(tokens)?;
-        let (y1, y2) = self.forward_stack(inputs, ctx)?;
-        self.head.loss(&y1, &y2, targets)
+    /// One Adam step from the accumulated gradients (moments allocated at the first call), with
+    /// global-norm clipping (`cfg.clip_norm`).
+    pub fn adam_update(&mut self, cfg: AdamConfig, lr: f32) -> Result<UpdateStats> {
+        self.adam_update_scaled(cfg, lr, 1.0)
     }
 
-    /// The 256 logits predicting the byte after `context`.
-    pub fn next_logits(&mut self, context: &[u8], ctx: &StepContext) -> Result<Vec<f32>> {
-        let (y1, y2) = self.forward_stack(context, ctx)?;
-        self.head.logits_at(&y1, &y2, context.len() - 1)
+    /// [`ReformerLm::adam_update`] from the accumulated gradients times `grad_scale` (e.g.
+    /// `1/windows` after accumulating several windows), without a pass over the gradients:
+    /// the scale is folded into the norm and the clipping factor.
+    pub fn adam_update_scaled(
+        &mut self,
+        cfg: AdamConfig,
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<UpdateStats> {
+        let b = &self.backend;
+        b.mark("optimizer");
+        if self.adam.is_none() {
+            let zeros =
+                |_| -> Result<Vec<B::Buf>> { self.shapes.iter().map(|s| b.zeros(s)).collect() };
+            self.adam = Some(AdamState {
+                m: zeros(0)?,
+                v: zeros(1)?,
+                step: 0,
+            });
+        }
+        let adam = self
+            .adam
+            .as_mut()
+            .ok_or_else(|| ReformerError::Config("optimizer state missing".into()))?;
+        let grads: Vec<&B::Buf> = self.grads.iter().collect();
+        let grad_norm = (b.sum_squares(&grads)?.sqrt() * grad_scale as f64) as f32;
+        if !grad_norm.is_finite() {
+            return Err(ReformerError::NonFinite {
+                what: "gradient norm",
+                value: grad_norm,
+                step: adam.step,
+            });
+        }
+        let clip = grad_scale
+            * match cfg.clip_norm {
+                Some(max) if grad_norm > max => max / grad_norm,
+                _ => 1.0,
+            };
+        adam.step += 1;
+        let hp = AdamHp {
+            lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            step: adam.step,
+            clip,
+        };
+        for (((p, g), m), v) in self
+            .values
+            .iter_mut()
+            .zip(&mut self.grads)
+            .zip(&mut adam.m)
+            .zip(&mut adam.v)
+        {
+            b.adam_update(p, g, m, v, &hp)?;
+        }
+        Ok(UpdateStats { lr, grad_norm })
     }
 }
 
-impl std::fmt::Debug for ReformerLm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReformerLm")
-            .field("config", &self.cfg)
-            .field("params", &self.num_params())
-            .field("rounds", &self.rounds)
-            .finish()
-    }
+/// Scratch of the head over a block of rows: `concat(Y1, Y2)`, its layer norm and statistics,
+/// the logits.
+struct HeadRows<B: Backend> {
+    h: B::Buf,
+    hn: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+    logits: B::Buf,
 }
 
-impl HasParams for ReformerLm {
-    /// Embedding, axial tables, the stack's parameters in its order, then the head.
-    fn params(&self) -> Vec<&Param> {
-        let mut v = self.tokens.params();
-        v.extend(self.positions.params());
-        v.extend(self.stack.params());
-        v.extend(self.head.params());
-        v
-    }
-    fn params_mut(&mut self) -> Vec<&mut Param> {
-        let mut v = self.tokens.params_mut();
-        v.extend(self.positions.params_mut());
-        v.extend(self.stack.params_mut());
-        v.extend(self.head.params_mut());
-        v
+impl<B: Backend> HeadRows<B> {
+    fn new(b: &B, rows: usize, width: usize) -> Result<Self> {
+        Ok(Self {
+            h: b.alloc(&[rows, width])?,
+            hn: b.alloc(&[rows, width])?,
+            mean: b.alloc(&[rows])?,
+            rstd: b.alloc(&[rows])?,
+            logits: b.alloc(&[rows, VOCAB])?,
+        })
     }
 }

@@ -1,15 +1,7 @@
-//! Adam with bias correction, a learning-rate schedule (linear warmup, then cosine decay) and
-//! gradient clipping by global norm. The optimizer's moments are tensors from the pool, one
-//! pair per parameter, in the model's parameter order.
-//!
-//! Every sum here has a fixed order (fixed-size blocks, combined serially), so a step is
-//! bit-for-bit reproducible on the CPU whatever the thread count.
-
-use rayon::prelude::*;
-use reformer_engine::Tensor;
-
-use crate::error::{ReformerError, Result};
-use crate::param::Param;
+//! Adam's hyper-parameters and per-element update (with bias correction and a clipping factor
+//! folded in), and the learning-rate schedule (linear warmup, then cosine decay). The moments
+//! live on the model's backend ([`crate::model::ReformerLm::adam_update`]); every backend's
+//! update op applies [`AdamCoefficients::apply`]'s formula.
 
 /// Adam hyper-parameters. Defaults: the Reformer reference config for Crime and Punishment.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,7 +59,6 @@ impl LrSchedule {
     }
 }
 
-/// Adam's state: first and second moments per parameter, and the number of updates made.
 /// The constants of one Adam update: clipping factor, betas, bias-corrected step size.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamCoefficients {
@@ -108,14 +99,6 @@ impl AdamCoefficients {
     }
 }
 
-#[derive(Debug)]
-pub struct Adam {
-    pub cfg: AdamConfig,
-    pub m: Vec<Tensor>,
-    pub v: Vec<Tensor>,
-    pub step: u64,
-}
-
 /// What one update did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UpdateStats {
@@ -124,91 +107,9 @@ pub struct UpdateStats {
     pub grad_norm: f32,
 }
 
-const BLOCK: usize = 1 << 14;
-
-/// `Σ x²` in f64 with a fixed summation order.
-fn sum_squares(x: &[f32]) -> f64 {
-    let partial: Vec<f64> = x
-        .par_chunks(BLOCK)
-        .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
-        .collect();
-    partial.iter().sum()
-}
-
-/// The global L2 norm of all gradients.
-pub fn global_grad_norm(params: &[&mut Param]) -> f32 {
-    params
-        .iter()
-        .map(|p| sum_squares(p.grad.data()))
-        .sum::<f64>()
-        .sqrt() as f32
-}
-
-impl Adam {
-    /// Zero moments shaped like `params` (from each parameter's pool).
-    pub fn new(cfg: AdamConfig, params: &[&Param]) -> Result<Self> {
-        let mut m = Vec::with_capacity(params.len());
-        let mut v = Vec::with_capacity(params.len());
-        for p in params {
-            m.push(p.value.zeros_like()?);
-            v.push(p.value.zeros_like()?);
-        }
-        Ok(Self { cfg, m, v, step: 0 })
-    }
-
-    /// One update of `params` from their gradients with learning rate `lr`: clips by global
-    /// norm (if configured), then Adam with bias correction. A non-finite gradient norm is an
-    /// error and leaves the parameters untouched.
-    pub fn update(&mut self, params: &mut [&mut Param], lr: f32) -> Result<UpdateStats> {
-        if params.len() != self.m.len() {
-            return Err(ReformerError::InvalidArgument(format!(
-                "optimizer holds state for {} parameters, got {}",
-                self.m.len(),
-                params.len()
-            )));
-        }
-        for (p, m) in params.iter().zip(&self.m) {
-            if p.value.shape() != m.shape() || p.grad.shape() != m.shape() {
-                return Err(ReformerError::InvalidArgument(format!(
-                    "parameter {} has shape {:?}, optimizer state {:?}",
-                    p.name,
-                    p.value.shape(),
-                    m.shape()
-                )));
-            }
-        }
-        let grad_norm = global_grad_norm(params);
-        if !grad_norm.is_finite() {
-            return Err(ReformerError::NonFinite {
-                what: "gradient norm",
-                value: grad_norm,
-                step: self.step,
-            });
-        }
-        let clip = match self.cfg.clip_norm {
-            Some(max) if grad_norm > max => max / grad_norm,
-            _ => 1.0,
-        };
-        self.step += 1;
-        let k = AdamCoefficients::new(&self.cfg, lr, self.step, clip);
-        for ((p, m), v) in params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
-            let Param { value, grad, .. } = &mut **p;
-            value
-                .data_mut()
-                .par_chunks_mut(BLOCK)
-                .zip(grad.data().par_chunks(BLOCK))
-                .zip(m.data_mut().par_chunks_mut(BLOCK))
-                .zip(v.data_mut().par_chunks_mut(BLOCK))
-                .for_each(|(((w, g), m), v)| k.apply(w, g, m, v));
-        }
-        Ok(UpdateStats { lr, grad_norm })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reformer_engine::MemoryPool;
 
     #[test]
     fn schedule_warms_up_then_decays() {
@@ -228,29 +129,32 @@ mod tests {
 
     #[test]
     fn adam_minimises_a_quadratic_and_clips() {
-        let pool = MemoryPool::unlimited();
-        let mut p = Param {
-            name: "w".into(),
-            value: Tensor::from_vec(&pool, &[3], vec![1.0, -2.0, 3.0]).unwrap(),
-            grad: Tensor::zeros(&pool, &[3]).unwrap(),
-        };
-        let mut adam = Adam::new(AdamConfig::default(), &[&p]).unwrap();
-        for _ in 0..300 {
+        use crate::backend::{AdamHp, Backend, CpuBackend};
+        let b = CpuBackend::new(&reformer_engine::MemoryPool::unlimited());
+        let cfg = AdamConfig::default();
+        let mut w = b.upload(&[3], &[1.0, -2.0, 3.0]).unwrap();
+        let mut g = b.zeros(&[3]).unwrap();
+        let (mut m, mut v) = (b.zeros(&[3]).unwrap(), b.zeros(&[3]).unwrap());
+        for step in 1..=300 {
             // loss = ½‖w‖², grad = w
-            let w = p.value.to_vec();
-            p.grad.data_mut().copy_from_slice(&w);
-            adam.update(&mut [&mut p], 0.05).unwrap();
+            let wv = b.download(&w).unwrap();
+            g = b.upload(&[3], &wv).unwrap();
+            let norm = (b.sum_squares(&[&g]).unwrap().sqrt()) as f32;
+            let clip = match cfg.clip_norm {
+                Some(max) if norm > max => max / norm,
+                _ => 1.0,
+            };
+            let hp = AdamHp {
+                lr: 0.05,
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                step,
+                clip,
+            };
+            b.adam_update(&mut w, &mut g, &mut m, &mut v, &hp).unwrap();
         }
-        assert!(
-            p.value.data().iter().all(|w| w.abs() < 0.05),
-            "{:?}",
-            p.value.data()
-        );
-        assert_eq!(adam.step, 300);
-        p.grad.data_mut().copy_from_slice(&[f32::NAN, 0.0, 0.0]);
-        assert!(matches!(
-            adam.update(&mut [&mut p], 0.05),
-            Err(ReformerError::NonFinite { .. })
-        ));
+        let w = b.download(&w).unwrap();
+        assert!(w.iter().all(|w| w.abs() < 0.05), "{w:?}");
     }
 }

@@ -1,22 +1,22 @@
-//! The training loop's state machine: one step = a seeded data window, forward and backward,
-//! Adam with the scheduled learning rate; evaluation on fixed validation windows with the
-//! evaluation rounds; save and resume through checkpoints.
+//! [`Trainer`]: the training loop's state machine, the same on every backend. One step = the
+//! step's seeded data windows, forward and backward of each, Adam with the scheduled learning
+//! rate; evaluation on fixed validation windows with the evaluation rounds; save and resume
+//! through checkpoints (parameters and Adam's moments are downloaded to save, uploaded to
+//! resume, so a run can move between the CPU and a GPU at any checkpoint).
 //!
 //! Everything a step does is a function of the checkpointed state (step index, data seed,
 //! parameters, moments), so a resumed run repeats an uninterrupted one bit for bit on the CPU.
 
 use std::path::Path;
 
-use reformer_engine::MemoryPool;
-use reformer_reversible::StepContext;
-
+use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::ModelConfig;
 use crate::data::TextData;
 use crate::error::Result;
 use crate::model::ReformerLm;
-use crate::optim::{Adam, AdamConfig, LrSchedule};
-use crate::param::HasParams;
+use crate::optim::{AdamConfig, LrSchedule};
+use crate::StepContext;
 
 /// What one training step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,9 +30,13 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
-pub struct Trainer {
-    pub model: ReformerLm,
-    pub adam: Adam,
+/// Nats to bits.
+pub fn bits(nats: f32) -> f32 {
+    nats / std::f32::consts::LN_2
+}
+
+pub struct Trainer<B: Backend> {
+    pub lm: ReformerLm<B>,
     pub state: TrainState,
     pub data: TextData,
     /// Windows of `state.seq_len` tokens per optimizer step (at least 1; see
@@ -41,24 +45,18 @@ pub struct Trainer {
     pub batch: usize,
 }
 
-/// Nats to bits.
-pub fn bits(nats: f32) -> f32 {
-    nats / std::f32::consts::LN_2
-}
-
-impl Trainer {
-    /// A fresh model and optimizer.
+impl<B: Backend> Trainer<B> {
+    /// A freshly initialised model (deterministic in `cfg.seed`, the same on every backend).
     pub fn new(
+        backend: B,
         cfg: &ModelConfig,
-        pool: &MemoryPool,
         data: TextData,
         seq_len: usize,
         data_seed: u64,
         schedule: LrSchedule,
         adam: AdamConfig,
     ) -> Result<Self> {
-        let model = ReformerLm::new(cfg, pool)?;
-        let adam_state = Adam::new(adam, &model.params())?;
+        let lm = ReformerLm::new(backend, cfg)?;
         let state = TrainState {
             step: 0,
             tokens_seen: 0,
@@ -68,23 +66,8 @@ impl Trainer {
             adam,
         };
         Ok(Self {
-            model,
-            adam: adam_state,
+            lm,
             state,
-            data,
-            batch: 1,
-        })
-    }
-
-    /// Continues from a loaded checkpoint: its config, parameters, moments and state.
-    pub fn from_checkpoint(ck: &Checkpoint, pool: &MemoryPool, data: TextData) -> Result<Self> {
-        let mut model = ReformerLm::new(&ck.config, pool)?;
-        let mut adam = Adam::new(ck.state.adam, &model.params())?;
-        ck.restore(&mut model, Some(&mut adam))?;
-        Ok(Self {
-            model,
-            adam,
-            state: ck.state.clone(),
             data,
             batch: 1,
         })
@@ -96,6 +79,17 @@ impl Trainer {
         self
     }
 
+    /// Continues from a loaded checkpoint: its config, parameters, moments and state.
+    pub fn from_checkpoint(backend: B, ck: &Checkpoint, data: TextData) -> Result<Self> {
+        let lm = ReformerLm::from_checkpoint(backend, ck)?;
+        Ok(Self {
+            lm,
+            state: ck.state.clone(),
+            data,
+            batch: 1,
+        })
+    }
+
     /// One optimizer step on the `batch` windows of the current step: the gradient of the
     /// mean loss over the windows, accumulated one window at a time (memory as for one).
     ///
@@ -103,27 +97,22 @@ impl Trainer {
     /// the step context of that number (its own dropout masks and LSH rotations); with one
     /// window per step this is window `s` with context `s`.
     pub fn step(&mut self) -> Result<StepStats> {
-        let batch = self.batch;
-        self.model.zero_grad();
-        let model = &mut self.model;
+        let batch = self.batch.max(1);
+        self.lm.zero_grad()?;
+        let lm = &mut self.lm;
         let loss = train_windows(&self.data, &self.state, batch, |w, ctx| {
-            model.train_step_grads(w, ctx)
+            lm.train_step_grads(w, ctx)
         })?;
-        if batch > 1 {
-            let scale = 1.0 / batch as f32;
-            for p in self.model.params_mut() {
-                p.grad.data_mut().iter_mut().for_each(|g| *g *= scale);
-            }
-        }
         let lr = self.state.schedule.lr_at(self.state.step);
-        let mut params = self.model.params_mut();
-        let stats = self.adam.update(&mut params, lr)?;
+        let stats = self
+            .lm
+            .adam_update_scaled(self.state.adam, lr, 1.0 / batch as f32)?;
         Ok(advance(&mut self.state, batch, loss, lr, stats.grad_norm))
     }
 
-    /// Mean validation loss (nats per byte) over up to `max_windows` fixed windows, with
-    /// `rounds` hash rounds (`None`: the config's eval rounds). The training rounds are
-    /// restored afterwards. `None` if the validation part is empty.
+    /// Mean validation loss (nats per byte) over up to `max_windows` fixed windows of the
+    /// training length, with `rounds` hash rounds (`None`: the config's eval rounds). The
+    /// training rounds are restored afterwards. `None` if the validation part is empty.
     pub fn evaluate(&mut self, max_windows: usize, rounds: Option<usize>) -> Result<Option<f32>> {
         self.evaluate_len(self.state.seq_len, max_windows, rounds)
     }
@@ -136,20 +125,21 @@ impl Trainer {
         max_windows: usize,
         rounds: Option<usize>,
     ) -> Result<Option<f32>> {
-        let train_rounds = self.model.rounds();
-        self.model
-            .set_rounds(rounds.unwrap_or(self.model.config().eval_rounds))?;
-        let model = &mut self.model;
+        let train_rounds = self.lm.rounds();
+        self.lm
+            .set_rounds(rounds.unwrap_or(self.lm.config().eval_rounds))?;
+        let lm = &mut self.lm;
         let result = validation_loss(&self.data, len, max_windows, |w| {
-            model.eval_loss_sum(w, &StepContext::eval(0))
+            lm.eval_loss_sum(w, &StepContext::eval(0))
         });
-        self.model.set_rounds(train_rounds)?;
+        self.lm.set_rounds(train_rounds)?;
         result
     }
 
     /// Saves parameters, moments and state atomically to `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        checkpoint::save(path, &self.model, &self.adam, &self.state)?;
+        let snapshot = self.lm.snapshot()?;
+        checkpoint::save(path, &snapshot, &self.state)?;
         Ok(())
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use reformer::checkpoint::{self, CheckpointError};
 use reformer::data::TextData;
-use reformer::{AdamConfig, LrSchedule, ModelConfig, ReformerError, ReformerLm, Trainer};
+use reformer::{AdamConfig, CpuBackend, LrSchedule, ModelConfig, ReformerError, Trainer};
 use reformer_engine::MemoryPool;
 
 fn saved_checkpoint(name: &str) -> (PathBuf, Vec<u8>) {
@@ -17,8 +17,8 @@ fn saved_checkpoint(name: &str) -> (PathBuf, Vec<u8>) {
     let data = TextData::from_bytes(Path::new("generated"), text, 0.05, 32).unwrap();
     let pool = MemoryPool::unlimited();
     let mut t = Trainer::new(
+        CpuBackend::new(&pool),
         &cfg,
-        &pool,
         data,
         32,
         1,
@@ -104,9 +104,7 @@ fn wrong_config_and_wrong_version() {
     let ck = checkpoint::load(&path).unwrap();
     let mut other = ModelConfig::preset("tiny").unwrap();
     other.d_ff = 128;
-    let pool = MemoryPool::unlimited();
-    let mut model = ReformerLm::new(&other, &pool).unwrap();
-    match ck.restore(&mut model, None) {
+    match ck.check_config(&other) {
         Err(CheckpointError::ConfigMismatch {
             field,
             checkpoint,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use reformer::checkpoint::{self, temp_path};
 use reformer::data::TextData;
-use reformer::{AdamConfig, HasParams, LrSchedule, ModelConfig, Trainer};
+use reformer::{AdamConfig, CpuBackend, LrSchedule, ModelConfig, Trainer};
 use reformer_engine::{MemoryPool, Rng};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -31,7 +31,7 @@ fn cfg() -> ModelConfig {
     cfg
 }
 
-fn trainer(pool: &MemoryPool) -> Trainer {
+fn trainer(pool: &MemoryPool) -> Trainer<CpuBackend> {
     let data = TextData::from_bytes(Path::new("generated"), text(), 0.05, 32).unwrap();
     let schedule = LrSchedule {
         lr: 0.01,
@@ -39,20 +39,29 @@ fn trainer(pool: &MemoryPool) -> Trainer {
         total_steps: 20,
         final_fraction: 0.1,
     };
-    Trainer::new(&cfg(), pool, data, 32, 17, schedule, AdamConfig::default()).unwrap()
+    Trainer::new(
+        CpuBackend::new(pool),
+        &cfg(),
+        data,
+        32,
+        17,
+        schedule,
+        AdamConfig::default(),
+    )
+    .unwrap()
 }
 
-fn snapshot(t: &Trainer) -> Vec<Vec<u32>> {
-    let mut out: Vec<Vec<u32>> = t
-        .model
-        .params()
+/// Every parameter and moment, bit for bit.
+fn snapshot(t: &Trainer<CpuBackend>) -> Vec<Vec<u32>> {
+    let snap = t.lm.snapshot().unwrap();
+    let moments = snap.moments.expect("moments after a step");
+    let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect();
+    snap.values
         .iter()
-        .map(|p| p.value.data().iter().map(|v| v.to_bits()).collect())
-        .collect();
-    for m in t.adam.m.iter().chain(&t.adam.v) {
-        out.push(m.data().iter().map(|v| v.to_bits()).collect());
-    }
-    out
+        .chain(&moments.m)
+        .chain(&moments.v)
+        .map(bits)
+        .collect()
 }
 
 #[test]
@@ -71,8 +80,8 @@ fn round_trip_restores_everything_exactly() {
     assert_eq!(ck.config, cfg());
     assert_eq!(ck.state, a.state);
     let data = a.data.clone();
-    let b = Trainer::from_checkpoint(&ck, &pool, data).unwrap();
-    assert_eq!(b.adam.step, 2);
+    let b = Trainer::from_checkpoint(CpuBackend::new(&pool), &ck, data).unwrap();
+    assert_eq!(b.lm.snapshot().unwrap().moments.unwrap().step, 2);
     assert_eq!(snapshot(&a), snapshot(&b));
 }
 
@@ -91,7 +100,7 @@ fn resume_gives_bit_identical_losses() {
     let eval_a = a.evaluate(2, None).unwrap().unwrap();
 
     let ck = checkpoint::load(&path).unwrap();
-    let mut b = Trainer::from_checkpoint(&ck, &pool, a.data.clone()).unwrap();
+    let mut b = Trainer::from_checkpoint(CpuBackend::new(&pool), &ck, a.data.clone()).unwrap();
     assert_eq!(b.state.step, 3);
     let resumed: Vec<u32> = (0..4).map(|_| b.step().unwrap().loss.to_bits()).collect();
     assert_eq!(straight, resumed, "losses after resume differ");
@@ -119,7 +128,7 @@ fn leftover_tmp_from_an_interrupted_save_leaves_the_previous_checkpoint_intact()
 
     let ck = checkpoint::load(&path).unwrap();
     assert_eq!(ck.state.step, 1);
-    let b = Trainer::from_checkpoint(&ck, &pool, a.data.clone()).unwrap();
+    let b = Trainer::from_checkpoint(CpuBackend::new(&pool), &ck, a.data.clone()).unwrap();
     assert_eq!(snapshot(&b), saved);
 
     // The next save replaces the stale temporary file and lands.

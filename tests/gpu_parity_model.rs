@@ -1,8 +1,9 @@
-//! The whole model on the GPU ([`DeviceLm`] on [`CudaBackend`]) against the CPU reference
-//! ([`ReformerLm`]): losses, every parameter's gradient and the parameters after Adam, for the
-//! `tiny` preset with every attention kind, split head groups and dropout, and for a `cp6`
-//! training step at a moderate length. Skipped where no GPU answers (fails instead with
-//! `REFORMER_REQUIRE_GPU=1`). New device buffers are NaN-poisoned.
+//! The one model on the GPU ([`ReformerLm`] on [`CudaBackend`]) — the same program the CPU
+//! runs — against the plain reference model (`tests/reference`): losses, every parameter's
+//! gradient and the parameters after Adam, for the `tiny` preset with every attention kind,
+//! split head groups and dropout, and for a `cp6` training step at a moderate length. Skipped
+//! where no GPU answers (fails instead with `REFORMER_REQUIRE_GPU=1`). New device buffers are
+//! NaN-poisoned.
 //!
 //! Tolerances (stated, f32): loss within 1e-4 relative; a gradient tensor within 1e-3 of its
 //! largest magnitude (cuBLAS and the kernels sum in other orders than the CPU, and an LSH
@@ -10,14 +11,15 @@
 //! entries); parameters after Adam within 5% of the learning rate. `cp6` runs at 2048 tokens
 //! with 1e-3 relative on the loss (2048 positions, 6 layers, 2 LSH rounds' combination).
 //!
-//! bf16 activation storage on the GPU is compared with the f32 model (the host twin, equal to
-//! the reference) at the bf16 tolerances stated in `device_common::bf16`, and its device plan
-//! with its measured pool peak.
+//! bf16 activation storage on the GPU is compared with the f32 model on the CPU backend at the
+//! bf16 tolerances stated in `model_common::bf16`, and the CUDA memory plan with the device
+//! pool's measured peak.
 
-mod device_common;
+mod model_common;
+mod reference;
 
-use device_common::{compare, Tol};
-use reformer::device::{Backend, CudaBackend, DType, DeviceLm, HostBackend};
+use model_common::{compare, Tol};
+use reformer::backend::{Backend, CpuBackend, CudaBackend, DType, MemoryPlan, PlanTarget};
 use reformer::{Attention, ModelConfig, ReformerError, ReformerLm, StepContext};
 use reformer_engine::MemoryPool;
 use reformer_kernels::gpu::testing::context_for_test;
@@ -76,14 +78,12 @@ fn a_step_past_the_budget_is_a_typed_out_of_memory_error() {
         return;
     };
     let cfg = ModelConfig::preset("cp6").unwrap();
-    let pool = MemoryPool::unlimited();
-    let cpu = ReformerLm::new(&cfg, &pool).unwrap();
     let b = CudaBackend::from_context(ctx);
-    let mut lm = DeviceLm::from_model(b, &cpu).unwrap();
+    let mut lm = ReformerLm::new(b, &cfg).unwrap();
     // Parameters fit; a 16K-token step does not fit in 8 MiB more.
     let live = lm.backend().live_bytes();
     lm.backend().context().pool().set_budget(live + (8 << 20));
-    let toks = device_common::tokens(16385, 1);
+    let toks = model_common::tokens(16385, 1);
     lm.zero_grad().unwrap();
     match lm.train_step_grads(&toks, &StepContext::train(0)) {
         Err(ReformerError::Kernels(KernelsError::OutOfMemory { .. })) => {}
@@ -105,8 +105,8 @@ fn bf16_activations_on_the_gpu_stay_within_the_stated_tolerance_of_f32() {
     cfg.dropout = 0.1;
     cfg.ff_chunk = 12;
     cfg.loss_chunk = 7;
-    let f32_twin = HostBackend::new(&MemoryPool::unlimited());
-    device_common::bf16::compare(f32_twin, b, &cfg, 45, 7, device_common::bf16::WITH_LSH);
+    let f32_cpu = CpuBackend::new(&MemoryPool::unlimited());
+    model_common::bf16::compare(f32_cpu, b, &cfg, 45, 7, model_common::bf16::WITH_LSH);
 }
 
 #[test]
@@ -121,8 +121,8 @@ fn cp6_with_bf16_activations_on_the_gpu_stays_within_the_stated_tolerance_of_f32
     cfg.n_rounds = 2;
     cfg.ff_chunk = 512;
     cfg.loss_chunk = 512;
-    let f32_twin = HostBackend::new(&MemoryPool::unlimited());
-    device_common::bf16::compare(f32_twin, b, &cfg, 2048, 3, device_common::bf16::WITH_LSH);
+    let f32_cpu = CpuBackend::new(&MemoryPool::unlimited());
+    model_common::bf16::compare(f32_cpu, b, &cfg, 2048, 3, model_common::bf16::WITH_LSH);
 }
 
 /// cp6 at 8192 tokens, two training steps on the GPU with activations in `act`: the pool's
@@ -135,10 +135,8 @@ fn plan_against_measurement(test: &str, act: DType) {
     let mut cfg = ModelConfig::preset("cp6").unwrap();
     cfg.n_rounds = 2;
     let len = 8192;
-    let pool = MemoryPool::unlimited();
-    let cpu = ReformerLm::new(&cfg, &pool).unwrap();
-    let mut lm = DeviceLm::from_model(b, &cpu).unwrap();
-    let toks = device_common::tokens(len + 1, 2);
+    let mut lm = ReformerLm::new(b, &cfg).unwrap();
+    let toks = model_common::tokens(len + 1, 2);
     // Step 0 allocates Adam's moments; step 1 is the steady state the plan describes.
     for step in 0..2 {
         lm.backend().reset_peak();
@@ -150,7 +148,7 @@ fn plan_against_measurement(test: &str, act: DType) {
     }
     lm.backend().synchronize().unwrap();
     let measured = lm.backend().peak_bytes();
-    let plan = reformer::device::DevicePlan::with_act_dtype(&cfg, len, true, act).unwrap();
+    let plan = MemoryPlan::new(&cfg, len, true, PlanTarget::Cuda, act).unwrap();
     let _ = std::io::Write::write_all(
         &mut std::io::stderr(),
         format!(

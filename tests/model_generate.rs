@@ -2,7 +2,7 @@
 //! seed, restores the model's training rounds, and refuses bad input with typed errors.
 
 use reformer::generate::sample_byte;
-use reformer::{generate, ModelConfig, ReformerError, ReformerLm, SampleOptions};
+use reformer::{generate, CpuBackend, ModelConfig, ReformerError, ReformerLm, SampleOptions};
 use reformer_engine::{MemoryPool, Rng};
 
 #[test]
@@ -36,7 +36,7 @@ fn greedy_and_top_k() {
 fn generation_is_seeded_and_restores_rounds() {
     let cfg = ModelConfig::preset("tiny").unwrap();
     let pool = MemoryPool::unlimited();
-    let mut model = ReformerLm::new(&cfg, &pool).unwrap();
+    let mut model = ReformerLm::new(CpuBackend::new(&pool), &cfg).unwrap();
     model.set_rounds(1).unwrap();
     let opts = SampleOptions {
         temperature: 1.0,

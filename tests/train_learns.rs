@@ -7,7 +7,7 @@ use std::path::Path;
 
 use reformer::data::TextData;
 use reformer::train::bits;
-use reformer::{AdamConfig, LrSchedule, ModelConfig, Trainer};
+use reformer::{AdamConfig, CpuBackend, LrSchedule, ModelConfig, Trainer};
 use reformer_engine::{MemoryPool, Rng};
 
 const SEQ: usize = 64;
@@ -51,7 +51,16 @@ fn a_few_dozen_steps_lower_the_validation_loss() {
         total_steps: STEPS,
         final_fraction: 0.1,
     };
-    let mut t = Trainer::new(&cfg, &pool, data, SEQ, 0, schedule, AdamConfig::default()).unwrap();
+    let mut t = Trainer::new(
+        CpuBackend::new(&pool),
+        &cfg,
+        data,
+        SEQ,
+        0,
+        schedule,
+        AdamConfig::default(),
+    )
+    .unwrap();
     let before = t.evaluate(16, None).unwrap().unwrap();
     let mut last = 0.0;
     for _ in 0..STEPS {

@@ -1,10 +1,9 @@
 //! The tensor engine: f32 tensors with shapes, a memory pool that counts live and peak bytes
-//! and refuses to pass a budget, a seeded RNG, devices, and the CPU ops (rayon + `gemm`).
+//! and refuses to pass a budget, a seeded RNG, and the CPU ops (rayon + `gemm`).
 //!
 //! Every allocation goes through a [`MemoryPool`]; outputs of an op are drawn from the pool of
 //! its inputs, so a pool's peak is the peak of everything a computation held at once.
 
-pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod huge_pages;
@@ -14,7 +13,6 @@ pub mod pool;
 pub mod rng;
 pub mod tensor;
 
-pub use device::Device;
 pub use dtype::DType;
 pub use error::{EngineError, Result};
 pub use pool::{Buffer, Hold, MemoryPool};

@@ -1,5 +1,5 @@
-//! Errors of the reversible crate: the engine's and the attention crate's, plus shape and
-//! configuration problems of the layers themselves.
+//! Errors of the reversible crate: the engine's and the attention crate's, plus configuration
+//! problems of a layer.
 
 use reformer_engine::EngineError;
 use reformer_lsh::AttentionError;
@@ -22,11 +22,3 @@ pub enum ReversibleError {
 }
 
 pub type Result<T> = std::result::Result<T, ReversibleError>;
-
-pub(crate) fn shape_err(op: &'static str, got: &[usize], expected: &[usize]) -> ReversibleError {
-    ReversibleError::Shape {
-        op,
-        got: got.to_vec(),
-        expected: expected.to_vec(),
-    }
-}

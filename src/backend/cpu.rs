@@ -1,12 +1,12 @@
-//! The CPU twin of the CUDA backend: every [`Backend`] op on host memory, with the same
-//! formulas as the kernels (and, where one exists, the CPU model's own function), so the
-//! device model's orchestration — chunking, head layouts, reconstruction, gradient flow — is
-//! tested on any machine against the reference model in `reformer-reversible`.
+//! The CPU backend: every [`Backend`] op on host memory (rayon and `gemm`; the attention of
+//! `reformer-lsh`), with the same formulas as the CUDA kernels — each op is the CPU twin of
+//! the kernel of its name — so the one model trains on any machine and its GPU program is
+//! tested on every machine.
 //!
 //! Buffers are engine [`Tensor`]s drawn from one [`MemoryPool`], so the pool's peak is the
-//! peak the same program holds on a GPU (the kernels' own scratch aside) with f32 activations.
-//! Activations stored in bf16 are f32 tensors holding bf16-rounded values — the values the
-//! GPU's bf16 buffers hold, rounded where the GPU rounds — so the twin computes what the GPU
+//! peak of the program on the CPU, with its hard budget. Activations stored in bf16
+//! ([`CpuBackend::with_act_dtype`]) are f32 tensors holding bf16-rounded values — the values
+//! the GPU's bf16 buffers hold, rounded where the GPU rounds — so the CPU computes what the GPU
 //! computes; their bytes are counted at 4 per element here.
 
 use rayon::prelude::*;
@@ -21,14 +21,13 @@ use reformer_lsh::{
 use reformer_reversible::layer_norm::{backward_row_add, normalize_row, row_stats};
 use reformer_reversible::Dropout;
 
-use super::backend::{check_act_dtype, AdamHp, AxialTables, Backend, HeadShape, Strided};
+use super::{check_act_dtype, AdamHp, AxialTables, Backend, HeadShape, Strided};
 use crate::error::{ReformerError, Result};
-use crate::lm_head::cross_entropy_row;
 use crate::optim::{AdamCoefficients, AdamConfig};
 
-/// The host backend: buffers from `pool`.
+/// The CPU backend: buffers from `pool`.
 #[derive(Debug, Clone)]
-pub struct HostBackend {
+pub struct CpuBackend {
     pool: MemoryPool,
     /// Fill new buffers with NaN (tests: a read of an unwritten element shows).
     poison: bool,
@@ -36,7 +35,7 @@ pub struct HostBackend {
     act: DType,
 }
 
-impl HostBackend {
+impl CpuBackend {
     pub fn new(pool: &MemoryPool) -> Self {
         Self {
             pool: pool.clone(),
@@ -119,7 +118,7 @@ fn shaped(t: &Tensor, shape: HeadShape) -> Result<&Tensor> {
     Ok(t)
 }
 
-impl Backend for HostBackend {
+impl Backend for CpuBackend {
     type Buf = Tensor;
     type Act = Tensor;
     type LshSaved = LshSaved;
@@ -661,4 +660,16 @@ impl Backend for HostBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// One row's cross-entropy `logsumexp(row) − row[target]`; the row becomes its gradient
+/// `scale · (softmax(row) − onehot(target))` (the twin of `softmax_xent.cu`).
+pub fn cross_entropy_row(row: &mut [f32], target: usize, scale: f32) -> f32 {
+    let lse = reformer_engine::ops::logsumexp(row);
+    let loss = lse - row[target];
+    for v in row.iter_mut() {
+        *v = (*v - lse).exp() * scale;
+    }
+    row[target] -= scale;
+    loss
 }

@@ -16,7 +16,7 @@ use reformer_lsh::{Buckets, Rotations};
 use reformer_reversible::layer_norm::LN_EPS;
 use reformer_reversible::Dropout;
 
-use super::backend::{check_act_dtype, AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
+use super::{check_act_dtype, AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
 use crate::error::{ReformerError, Result};
 
 type Buf = DeviceBuffer<f32>;

@@ -1,14 +1,18 @@
-//! The reversible block's sublayers on a [`Backend`], step for step as the CPU reference in
-//! `reformer-reversible` (`AttentionLayer`, `FeedForward`): position-wise work in blocks of
-//! `ff_chunk` rows, heads in groups of `head_group`, LSH rotations and dropout masks drawn
-//! from `(seed, step, layer)`, recomputation in the backward, reconstruction of the block's
-//! input on the way. Parameters are indices into the model's value and gradient lists.
+//! The reversible block's two sublayers on a [`Backend`]: the attention sublayer
+//! ([`AttnLayer`]: layer norm, projections into head layout, LSH / local / exact attention,
+//! output projection, dropout) and the feed-forward ([`FfLayer`]). Position-wise work runs in
+//! blocks of `ff_chunk` rows, heads in groups of `head_group`, so a sublayer holds the head
+//! layout of one group and chunk-sized scratch beside the streams. LSH rotations and dropout
+//! masks are drawn from `(seed, step, layer)`, so the backward's recomputation replays them;
+//! the backward can subtract the sublayer's output from its stream on the way
+//! (`reconstruct`), which is how the reversible stack rebuilds each block's input.
+//! Parameters are indices into the model's value and gradient lists.
 
 use reformer_reversible::{
     layer_rotations, AttentionKind, Dropout, LayerConfig, Site, StepContext,
 };
 
-use super::backend::{Backend, HeadShape, Strided};
+use crate::backend::{Backend, HeadShape, Strided};
 use crate::error::{ReformerError, Result};
 
 /// Row blocks `(r0, rows)` of `total` rows, `chunk` at a time.

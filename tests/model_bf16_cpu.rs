@@ -1,15 +1,16 @@
-//! bf16 activation storage in the device model, on the host twin: the head-layout activations
+//! bf16 activation storage in the one model, on the CPU backend: the head-layout activations
 //! (q, k, v, qk, the attention output and its gradient) rounded to bf16 where the GPU stores
 //! them, everything else f32. Compared with the same model storing f32, at the tolerances
-//! stated in `device_common::bf16` (without LSH: loss 1e-4 relative, each gradient tensor
+//! stated in `model_common::bf16` (without LSH: loss 1e-4 relative, each gradient tensor
 //! within 0.1 in norm ratio, all together 3e-2; with LSH, whose buckets are hashed from the
 //! rounded `qk`: 2e-3, 0.25 and 0.1). Each comparison also checks that the bf16 run is not the f32 run (the
 //! rounding happened), and the backend test that stored activations hold bf16 values exactly.
 
-mod device_common;
+mod model_common;
+mod reference;
 
-use device_common::bf16::{compare, NO_HASH, WITH_LSH};
-use reformer::device::{Backend, DType, HostBackend, Strided};
+use model_common::bf16::{compare, NO_HASH, WITH_LSH};
+use reformer::backend::{Backend, CpuBackend, DType, HeadShape, Strided};
 use reformer::{Attention, ModelConfig};
 use reformer_engine::{MemoryPool, Rng};
 
@@ -17,8 +18,8 @@ fn is_bf16(x: f32) -> bool {
     x.is_nan() || x.to_bits() & 0xffff == 0
 }
 
-fn twin(act: DType) -> HostBackend {
-    HostBackend::poisoned(&MemoryPool::unlimited())
+fn cpu(act: DType) -> CpuBackend {
+    CpuBackend::poisoned(&MemoryPool::unlimited())
         .with_act_dtype(act)
         .unwrap()
 }
@@ -32,7 +33,7 @@ fn local_and_exact_attention_with_bf16_activations_stay_within_the_stated_tolera
     cfg.dropout = 0.1;
     cfg.ff_chunk = 12;
     cfg.loss_chunk = 7;
-    compare(twin(DType::F32), twin(DType::BF16), &cfg, 45, 7, NO_HASH);
+    compare(cpu(DType::F32), cpu(DType::BF16), &cfg, 45, 7, NO_HASH);
 }
 
 #[test]
@@ -44,7 +45,7 @@ fn every_attention_kind_with_bf16_activations_stays_within_the_stated_tolerance(
     cfg.dropout = 0.1;
     cfg.ff_chunk = 12;
     cfg.loss_chunk = 7;
-    compare(twin(DType::F32), twin(DType::BF16), &cfg, 45, 7, WITH_LSH);
+    compare(cpu(DType::F32), cpu(DType::BF16), &cfg, 45, 7, WITH_LSH);
 }
 
 #[test]
@@ -53,18 +54,18 @@ fn cp6_with_bf16_activations_at_2048_tokens_stays_within_the_stated_tolerance() 
     cfg.n_rounds = 2;
     cfg.ff_chunk = 512;
     cfg.loss_chunk = 512;
-    compare(twin(DType::F32), twin(DType::BF16), &cfg, 2048, 3, WITH_LSH);
+    compare(cpu(DType::F32), cpu(DType::BF16), &cfg, 2048, 3, WITH_LSH);
     // Its local layers alone: the rounding without hash moves.
     for a in cfg.attention.iter_mut() {
         *a = Attention::Local;
     }
-    compare(twin(DType::F32), twin(DType::BF16), &cfg, 2048, 3, NO_HASH);
+    compare(cpu(DType::F32), cpu(DType::BF16), &cfg, 2048, 3, NO_HASH);
 }
 
 #[test]
 fn host_backend_stores_bf16_values_where_the_gpu_stores_bf16() {
     let pool = MemoryPool::unlimited();
-    let b = HostBackend::new(&pool).with_act_dtype(DType::BF16).unwrap();
+    let b = CpuBackend::new(&pool).with_act_dtype(DType::BF16).unwrap();
     assert_eq!(b.act_dtype(), DType::BF16);
     let mut rng = Rng::new(5);
     let (rows, cols) = (6, 8);
@@ -91,7 +92,7 @@ fn host_backend_stores_bf16_values_where_the_gpu_stores_bf16() {
     }
     assert!(stored.iter().zip(&host).any(|(s, h)| s != h));
     // The attention output is stored rounded too.
-    let shape = reformer::device::HeadShape {
+    let shape = HeadShape {
         heads: 1,
         len: rows,
         d: cols,
@@ -109,5 +110,5 @@ fn host_backend_stores_bf16_values_where_the_gpu_stores_bf16() {
     let (out, _) = b.local_forward(&act, &act, &v, shape, 4, true).unwrap();
     assert!(b.download_act(&out).unwrap().iter().all(|&x| is_bf16(x)));
     // f16 has no kernels: a typed error, not a silent f32.
-    assert!(HostBackend::new(&pool).with_act_dtype(DType::F16).is_err());
+    assert!(CpuBackend::new(&pool).with_act_dtype(DType::F16).is_err());
 }

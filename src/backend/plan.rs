@@ -1,13 +1,30 @@
-//! The device model's memory plan by dry run: [`PlanBackend`] implements [`Backend`] with no
-//! memory and no arithmetic — every buffer is a counted token — and accounts, op by op, for
-//! the scratch the CUDA kernels' launch wrappers allocate (bucket-sort histograms and radix
-//! passes, layer-norm and column-sum partials, uploaded indices, logsumexps, deltas). Running
-//! [`DeviceLm`] on it replays the exact allocation sequence of a step on the GPU in
-//! milliseconds, so its peak is the device pool's peak, with the live buffers at that moment
-//! and the phase of the step where it happens.
+//! The model's memory plan by dry run: [`PlanBackend`] implements [`Backend`] with no memory
+//! and no arithmetic — every buffer is a counted token — and accounts, op by op, for the
+//! scratch of the backend it plans ([`PlanTarget`]):
 //!
-//! Outside the pool, and so outside the plan: the CUDA context, the loaded modules and
-//! cuBLAS's workspace (the driver's reading includes them).
+//! * [`PlanTarget::Cuda`]: what the CUDA kernels' launch wrappers allocate from the device
+//!   pool (bucket-sort histograms and radix passes, layer-norm and column-sum partials,
+//!   uploaded indices and rotations, logsumexps, deltas), activations in their stored dtype;
+//! * [`PlanTarget::Cpu`]: what [`super::CpuBackend`] and the `reformer-lsh` functions it calls
+//!   draw from the engine pool — every tensor at 4 bytes per element (bf16 activations are
+//!   f32 tensors of rounded values there), the attention's outputs, logsumexps, buckets,
+//!   per-head sort buffers and sorted-order gradients, the banded passes' geometry and deltas,
+//!   the exact path's unit keys, the logsumexp copies the backend returns, and the per-task
+//!   tiles of the rayon loops: one per running task, so `min(threads, tasks)` at once (LSH
+//!   heads run one after another, so its tasks are one head's chunks; the banded passes run
+//!   every head's blocks at once, so theirs are `heads × blocks`). Its other ops allocate
+//!   nothing from the pool.
+//!
+//! Running [`ReformerLm`] on it replays the exact allocation sequence of a step in
+//! milliseconds, so its peak is the pool's peak (byte for byte; on several threads as long as
+//! the scheduler runs one tile-holding task per thread at the peak, which a loop of more tasks
+//! than threads does), with the live buffers at that moment and the phase of the step where it
+//! happens.
+//!
+//! Outside the pool, and so outside the plan: on CUDA the context, the loaded modules and
+//! cuBLAS's workspace (the driver's reading includes them); on the CPU the program, the thread
+//! stacks, `gemm`'s packing buffers, small per-call host vectors (hashing projections, the
+//! layer-norm backward's f64 sums) and the allocator's slack.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -18,14 +35,14 @@ use reformer_kernels::geometry::{bucket_sort_passes, BS_RADIX, BS_TILE};
 use reformer_kernels::gpu::ops::layer_norm::param_parts;
 use reformer_kernels::gpu::ops::reduce_adam::MAX_PARTIALS;
 use reformer_kernels::gpu::ops::rows::column_sum_parts;
+use reformer_lsh::exact_attention::EXACT_BLOCK;
 use reformer_lsh::Rotations;
 use reformer_reversible::Dropout;
 
-use super::backend::{check_act_dtype, AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
-use super::model::DeviceLm;
+use super::{check_act_dtype, AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::planner::human_bytes;
+use crate::model::ReformerLm;
 
 #[derive(Debug, Default)]
 struct Registry {
@@ -87,11 +104,24 @@ pub struct PlanLshSaved {
     n_buckets: usize,
 }
 
+/// Which backend's allocations a plan replays: the ops allocate alike on every backend
+/// (the model decides what is live), but each backend's kernels draw their own scratch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlanTarget {
+    /// [`super::CudaBackend`]: the launch wrappers' scratch (sort passes, partial sums,
+    /// uploaded indices, deltas).
+    #[default]
+    Cuda,
+    /// [`super::CpuBackend`] with `threads` rayon threads (the attention's per-task tiles).
+    Cpu { threads: usize },
+}
+
 /// The dry-run backend.
 #[derive(Clone, Default)]
 pub struct PlanBackend {
     reg: Rc<RefCell<Registry>>,
     act: DType,
+    target: PlanTarget,
 }
 
 impl fmt::Debug for PlanBackend {
@@ -105,8 +135,21 @@ impl fmt::Debug for PlanBackend {
 }
 
 impl PlanBackend {
+    /// A plan of the CUDA backend's allocations.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A plan of `target`'s allocations.
+    pub fn for_target(target: PlanTarget) -> Self {
+        Self {
+            target,
+            ..Self::default()
+        }
+    }
+
+    pub fn target(&self) -> PlanTarget {
+        self.target
     }
 
     /// Plans activations stored in `dtype` (f32 or bf16).
@@ -116,13 +159,16 @@ impl PlanBackend {
         Ok(self)
     }
 
-    /// An activation buffer of `len` elements.
+    /// An activation buffer of `len` elements: in the activation dtype on CUDA; an f32 tensor
+    /// (of rounded values) on the CPU.
     fn act_token(&self, label: String, len: usize) -> PlanBuf {
-        let label = match self.act {
-            DType::F32 => label,
-            _ => format!("{label} bf16"),
-        };
-        self.token(label, len, self.act.size_in_bytes())
+        match (self.act, self.target) {
+            (DType::F32, _) => self.token(label, len, 4),
+            (act, PlanTarget::Cuda) => {
+                self.token(format!("{label} bf16"), len, act.size_in_bytes())
+            }
+            (_, PlanTarget::Cpu { .. }) => self.token(format!("{label} bf16-rounded"), len, 4),
+        }
     }
 
     /// A head-layout activation of shape `s`.
@@ -193,6 +239,160 @@ impl PlanBackend {
             s.numel(),
         )
     }
+
+    /// `bytes` of pool memory counted outside a buffer (a `MemoryPool::hold`).
+    fn hold(&self, label: impl Into<String>, bytes: usize) -> PlanBuf {
+        self.token(label.into(), bytes, 1)
+    }
+
+    /// The per-task scratch of a rayon loop over `tasks` items, each holding `bytes` while it
+    /// runs: one tile per running task, so `min(threads, tasks)` at once. The tasks hold
+    /// nothing else and call no nested parallel loop while they hold it.
+    fn tiles(&self, what: &str, tasks: usize, bytes: usize, threads: usize) -> Vec<PlanBuf> {
+        let n = tasks.min(threads.max(1));
+        (0..n)
+            .map(|_| self.hold(format!("{what} ({bytes} B, one per running task)"), bytes))
+            .collect()
+    }
+
+    /// `reformer_lsh::lsh_attention::sort_round` over one head's round of `len` positions in
+    /// `padded` slots: the sort keys, the permutation and the counting sort's counts, then (the
+    /// keys and counts freed) the inverse permutation and the sorted validity mask. Returns what
+    /// the round keeps: permutation, inverse, mask.
+    fn cpu_sort_round(&self, len: usize, padded: usize, n_buckets: usize) -> [PlanBuf; 3] {
+        let keys = self.u32s(format!("sort keys [{padded}] u32"), padded);
+        let perm = self.u32s(format!("sorted permutation [{padded}] u32"), padded);
+        let counts = self.hold(
+            format!("bucket counts [{}] u32", n_buckets + 2),
+            4 * (n_buckets + 2),
+        );
+        drop((keys, counts));
+        let inv = self.u32s(format!("inverse permutation [{len}] u32"), len);
+        let valid = self.hold(format!("sorted validity [{padded}] bool"), padded);
+        [perm, inv, valid]
+    }
+
+    /// `reformer_lsh::lsh_attention_forward` on the CPU: the output, buckets and logsumexps
+    /// `[heads, rounds, len]`; per head (one after another) the running logsumexp (f64) and the
+    /// round's sorted outputs and logsumexps; per round the sort and the chunk tiles (gathered
+    /// query/key/value rows and the online-softmax state).
+    fn cpu_lsh_forward(
+        &self,
+        s: HeadShape,
+        rot: &Rotations,
+        chunk: usize,
+        threads: usize,
+    ) -> (PlanBuf, PlanLshSaved) {
+        let (r, n_buckets) = (rot.n_rounds, rot.buckets.total());
+        let (len, d, m) = (s.len, s.d, chunk);
+        let per_round = s.heads * r * len;
+        let out = self.heads("attention out", s);
+        let buckets = self.u32s(format!("buckets [{}, {r}, {len}] u32", s.heads), per_round);
+        let lse = self.f32s(format!("logsumexps [{}, {r}, {len}]", s.heads), per_round);
+        let chunks = len.div_ceil(m);
+        let padded = chunks * m;
+        let tile = 4 * (2 * m + m * d + m * m) + 20 * m * d;
+        for _ in 0..s.heads {
+            let z = self.token(format!("running logsumexp [{len}] f64"), len, 8);
+            let os = self.f32s(format!("sorted outputs [{padded}, {d}]"), padded * d);
+            let zs = self.f32s(format!("sorted logsumexps [{padded}]"), padded);
+            for _ in 0..r {
+                let sorted = self.cpu_sort_round(len, padded, n_buckets);
+                drop(self.tiles("LSH chunk tiles", chunks, tile, threads));
+                drop(sorted);
+            }
+            drop((z, os, zs));
+        }
+        let saved = PlanLshSaved {
+            _buckets: buckets,
+            _lse: lse,
+            rounds: r,
+            n_buckets,
+        };
+        (out, saved)
+    }
+
+    /// `reformer_lsh::lsh_attention_backward` on the CPU: the gradients; per head the logsumexp
+    /// over rounds (f64), the deltas and five sorted-order gradients (`dq`, own and look-back
+    /// `dk` and `dv`); per round the sort again and the chunk tiles.
+    fn cpu_lsh_backward(
+        &self,
+        s: HeadShape,
+        saved: &PlanLshSaved,
+        chunk: usize,
+        threads: usize,
+    ) -> (PlanBuf, PlanBuf) {
+        let (len, d, m) = (s.len, s.d, chunk);
+        let d_qk = self.heads("d_qk", s);
+        let d_v = self.heads("d_v", s);
+        let chunks = len.div_ceil(m);
+        let padded = chunks * m;
+        let tile = 20 * m * d + 4 * (m * d + 2 * m + 2 * m * m);
+        for _ in 0..s.heads {
+            let z = self.token(format!("logsumexp over rounds [{len}] f64"), len, 8);
+            let delta = self.f32s(format!("delta [{len}]"), len);
+            let sorted_grads: Vec<PlanBuf> =
+                ["dq", "dk own", "dk look-back", "dv own", "dv look-back"]
+                    .iter()
+                    .map(|n| self.f32s(format!("sorted {n} [{padded}, {d}]"), padded * d))
+                    .collect();
+            for _ in 0..saved.rounds {
+                let sorted = self.cpu_sort_round(len, padded, saved.n_buckets);
+                drop(self.tiles("LSH chunk tiles", chunks, tile, threads));
+                drop(sorted);
+            }
+            drop((z, delta, sorted_grads));
+        }
+        (d_qk, d_v)
+    }
+
+    /// `reformer_lsh::banded::Banded::forward` with blocks of `block` rows: the geometry
+    /// (positions and a validity mask), the output and logsumexps, and the online-softmax
+    /// tiles of every head's blocks. Returns `(out, lse)`.
+    fn cpu_banded_forward(&self, s: HeadShape, block: usize, threads: usize) -> (PlanBuf, PlanBuf) {
+        let geometry = self.hold(
+            format!("banded geometry [{}] (positions, mask)", s.len),
+            5 * s.len,
+        );
+        let out = self.heads("attention out", s);
+        let lse = self.f32s(
+            format!("logsumexp [{}, {}]", s.heads, s.len),
+            s.heads * s.len,
+        );
+        let tasks = s.heads * s.len.div_ceil(block);
+        let tile = 4 * (2 * block + block * s.d + block * block);
+        drop(self.tiles("online-softmax tiles", tasks, tile, threads));
+        drop(geometry);
+        (out, lse)
+    }
+
+    /// `reformer_lsh::banded::Banded::backward`: the geometry, the deltas, the three
+    /// gradients, and the score tiles of the `dq` pass and of the `dk`, `dv` pass.
+    fn cpu_banded_backward(&self, s: HeadShape, block: usize, threads: usize) -> [PlanBuf; 3] {
+        let geometry = self.hold(
+            format!("banded geometry [{}] (positions, mask)", s.len),
+            5 * s.len,
+        );
+        let delta = self.f32s(format!("delta [{}, {}]", s.heads, s.len), s.heads * s.len);
+        let grads = ["d_q", "d_k", "d_v"].map(|n| self.heads(n, s));
+        let tasks = s.heads * s.len.div_ceil(block);
+        let tile = 2 * 4 * block * block;
+        drop(self.tiles("score tiles (dq pass)", tasks, tile, threads));
+        drop(self.tiles("score tiles (dk, dv pass)", tasks, tile, threads));
+        drop((delta, geometry));
+        grads
+    }
+
+    /// `CpuBackend::single_pass_out`: the logsumexps copied into a tensor while the attention
+    /// function's buffer lives, which is freed on return.
+    fn cpu_single_pass_out(&self, out: PlanBuf, lse: PlanBuf, s: HeadShape) -> (PlanBuf, PlanBuf) {
+        let copy = self.f32s(
+            format!("logsumexp [{}] (copy)", s.heads * s.len),
+            s.heads * s.len,
+        );
+        drop(lse);
+        (out, copy)
+    }
 }
 
 fn shape_label(shape: &[usize]) -> String {
@@ -205,7 +405,12 @@ impl Backend for PlanBackend {
     type LshSaved = PlanLshSaved;
 
     fn describe(&self) -> String {
-        "plan (dry run of the CUDA backend's allocations)".into()
+        match self.target {
+            PlanTarget::Cuda => "plan (dry run of the CUDA backend's allocations)".into(),
+            PlanTarget::Cpu { threads } => {
+                format!("plan (dry run of the CPU backend's allocations, {threads} threads)")
+            }
+        }
     }
 
     fn act_dtype(&self) -> DType {
@@ -343,9 +548,12 @@ impl Backend for PlanBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        let (parts, _) = param_parts(rows);
-        let _g = self.f32s("layer-norm gain partials", parts * cols);
-        let _b = self.f32s("layer-norm bias partials", parts * cols);
+        // The CPU sums the gain and bias gradients in host vectors, outside the pool.
+        if self.target == PlanTarget::Cuda {
+            let (parts, _) = param_parts(rows);
+            let _g = self.f32s("layer-norm gain partials", parts * cols);
+            let _b = self.f32s("layer-norm bias partials", parts * cols);
+        }
         Ok(())
     }
 
@@ -360,8 +568,10 @@ impl Backend for PlanBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        let (parts, _) = column_sum_parts(rows);
-        let _p = self.f32s("column-sum partials (f64)", (2 * parts * cols).max(1));
+        if self.target == PlanTarget::Cuda {
+            let (parts, _) = column_sum_parts(rows);
+            let _p = self.f32s("column-sum partials (f64)", (2 * parts * cols).max(1));
+        }
         Ok(())
     }
 
@@ -385,7 +595,10 @@ impl Backend for PlanBackend {
     }
 
     fn embed(&self, tokens: &[u8], _t: &PlanBuf, _out: &mut PlanBuf, _dim: usize) -> Result<()> {
-        let _ids = self.u32s("token ids", tokens.len());
+        // The CPU reads the ids from the host slice.
+        if self.target == PlanTarget::Cuda {
+            let _ids = self.u32s("token ids", tokens.len());
+        }
         Ok(())
     }
 
@@ -396,7 +609,9 @@ impl Backend for PlanBackend {
         _dtable: &mut PlanBuf,
         _dim: usize,
     ) -> Result<()> {
-        let _ids = self.u32s("token ids", tokens.len());
+        if self.target == PlanTarget::Cuda {
+            let _ids = self.u32s("token ids", tokens.len());
+        }
         Ok(())
     }
 
@@ -430,15 +645,20 @@ impl Backend for PlanBackend {
         _grad_scale: Option<f32>,
     ) -> Result<Vec<f32>> {
         let rows = targets.len();
-        let _t = self.u32s("targets", rows);
-        let _l = self.f32s("per-row loss", rows);
-        let _z = self.f32s("per-row logsumexp", rows);
+        // The CPU reads the targets from the host slice and returns the losses in a host vector.
+        if self.target == PlanTarget::Cuda {
+            let _t = self.u32s("targets", rows);
+            let _l = self.f32s("per-row loss", rows);
+            let _z = self.f32s("per-row logsumexp", rows);
+        }
         Ok(vec![0.0; rows])
     }
 
     fn sum_squares(&self, _bufs: &[&PlanBuf]) -> Result<f64> {
-        let _out = self.f32s("squared norm", 1);
-        let _p = self.f32s("reduction partials", MAX_PARTIALS);
+        if self.target == PlanTarget::Cuda {
+            let _out = self.f32s("squared norm", 1);
+            let _p = self.f32s("reduction partials", MAX_PARTIALS);
+        }
         Ok(0.0)
     }
 
@@ -459,9 +679,13 @@ impl Backend for PlanBackend {
         _v: &PlanBuf,
         s: HeadShape,
         rot: &Rotations,
-        _chunk: usize,
+        chunk: usize,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanLshSaved)> {
+        if let PlanTarget::Cpu { threads } = self.target {
+            // `CpuBackend::store_out` rounds the output in place.
+            return Ok(self.cpu_lsh_forward(s, rot, chunk, threads));
+        }
         let (r, n_buckets) = (rot.n_rounds, rot.buckets.total());
         let per_round = s.heads * r * s.len;
         let buckets = {
@@ -498,9 +722,12 @@ impl Backend for PlanBackend {
         saved: &PlanLshSaved,
         s: HeadShape,
         _rot: &Rotations,
-        _chunk: usize,
+        chunk: usize,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf)> {
+        if let PlanTarget::Cpu { threads } = self.target {
+            return Ok(self.cpu_lsh_backward(s, saved, chunk, threads));
+        }
         let _delta = self.f32s("delta", s.heads * s.len);
         let _perm = self.sort(s.heads * saved.rounds, s.len, saved.n_buckets);
         let d_qk = self.heads("d_qk", s);
@@ -514,9 +741,13 @@ impl Backend for PlanBackend {
         _k: &PlanBuf,
         _v: &PlanBuf,
         s: HeadShape,
-        _chunk: usize,
+        chunk: usize,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf)> {
+        if let PlanTarget::Cpu { threads } = self.target {
+            let (out, lse) = self.cpu_banded_forward(s, chunk, threads);
+            return Ok(self.cpu_single_pass_out(out, lse, s));
+        }
         Ok(self.single_pass_out(s))
     }
 
@@ -529,9 +760,13 @@ impl Backend for PlanBackend {
         _lse: &PlanBuf,
         _d_out: &PlanBuf,
         s: HeadShape,
-        _chunk: usize,
+        chunk: usize,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf, PlanBuf)> {
+        if let PlanTarget::Cpu { threads } = self.target {
+            let [d_q, d_k, d_v] = self.cpu_banded_backward(s, chunk, threads);
+            return Ok((d_q, d_k, d_v));
+        }
         let _delta = self.f32s("delta", s.heads * s.len);
         Ok((
             self.heads("d_q", s),
@@ -547,6 +782,14 @@ impl Backend for PlanBackend {
         s: HeadShape,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf)> {
+        if let PlanTarget::Cpu { threads } = self.target {
+            // `unit_keys`, live through the attention and the logsumexp copy.
+            let k = self.heads("unit keys", s);
+            let (out, lse) = self.cpu_banded_forward(s, EXACT_BLOCK, threads);
+            let stored = self.cpu_single_pass_out(out, lse, s);
+            drop(k);
+            return Ok(stored);
+        }
         Ok(self.single_pass_out(s))
     }
 
@@ -560,6 +803,13 @@ impl Backend for PlanBackend {
         s: HeadShape,
         _causal: bool,
     ) -> Result<(PlanBuf, PlanBuf)> {
+        if let PlanTarget::Cpu { threads } = self.target {
+            // Unit keys again; `shared_qk_grad` folds `d_k` into `d_q` in place.
+            let k = self.heads("unit keys", s);
+            let [d_q, d_k, d_v] = self.cpu_banded_backward(s, EXACT_BLOCK, threads);
+            drop((d_k, k));
+            return Ok((d_q, d_v));
+        }
         let _delta = self.f32s("delta", s.heads * s.len);
         Ok((self.heads("d_qk", s), self.heads("d_v", s)))
     }
@@ -569,9 +819,10 @@ impl Backend for PlanBackend {
     }
 }
 
-/// A step's device-pool peak as the dry run found it.
+/// A step's pool peak as the dry run of the model on a [`PlanBackend`] found it.
 #[derive(Debug, Clone)]
-pub struct DevicePlan {
+pub struct MemoryPlan {
+    pub target: PlanTarget,
     pub training: bool,
     pub len: usize,
     /// How the activations are stored.
@@ -587,24 +838,21 @@ pub struct DevicePlan {
     pub working_set: Vec<(String, usize)>,
 }
 
-impl DevicePlan {
+impl MemoryPlan {
     /// One training step (forward, backward, Adam; the optimizer's moments exist, as from the
-    /// second step on) or one forward pass with the loss, of `cfg` over `len` tokens, on the
-    /// CUDA backend, with f32 activations.
-    pub fn new(cfg: &ModelConfig, len: usize, training: bool) -> Result<Self> {
-        Self::with_act_dtype(cfg, len, training, DType::F32)
-    }
-
-    /// As [`DevicePlan::new`], with activations stored in `act` (f32 or bf16).
-    pub fn with_act_dtype(
+    /// second step on) or one forward pass with the loss, of `cfg` over `len` tokens, on
+    /// `target`, with activations stored in `act` (f32 or bf16). For [`PlanTarget::Cpu`], give
+    /// the threads of the rayon pool the step runs on (`rayon::current_num_threads()` there).
+    pub fn new(
         cfg: &ModelConfig,
         len: usize,
         training: bool,
+        target: PlanTarget,
         act: DType,
     ) -> Result<Self> {
-        let backend = PlanBackend::new().with_act_dtype(act)?;
+        let backend = PlanBackend::for_target(target).with_act_dtype(act)?;
         let reg = Rc::clone(&backend.reg);
-        let mut lm = DeviceLm::for_config(backend, cfg)?;
+        let mut lm = ReformerLm::for_config(backend, cfg)?;
         let params = reg.borrow().live;
         let first_step_id = std::cell::Cell::new(0u64);
         let tokens = vec![0u8; len + 1];
@@ -633,6 +881,7 @@ impl DevicePlan {
             .collect();
         working_set.sort_by_key(|w| std::cmp::Reverse(w.1));
         Ok(Self {
+            target,
             training,
             len,
             act,
@@ -646,11 +895,15 @@ impl DevicePlan {
     }
 }
 
-impl fmt::Display for DevicePlan {
+impl fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "device plan (CUDA backend, dry run): one {}, {} positions, {} activations",
+            "memory plan ({}, dry run): one {}, {} positions, {} activations",
+            match self.target {
+                PlanTarget::Cuda => "CUDA backend".to_string(),
+                PlanTarget::Cpu { threads } => format!("CPU backend, {threads} threads"),
+            },
             if self.training {
                 "training step (forward, backward, Adam)"
             } else {
@@ -690,9 +943,31 @@ impl fmt::Display for DevicePlan {
         if merged.len() > 16 {
             writeln!(f, "    … {} more kinds of buffer", merged.len() - 16)?;
         }
-        write!(
-            f,
-            "  outside the pool: the CUDA context, loaded modules and cuBLAS workspace"
-        )
+        match self.target {
+            PlanTarget::Cuda => write!(
+                f,
+                "  outside the pool: the CUDA context, loaded modules and cuBLAS workspace"
+            ),
+            PlanTarget::Cpu { .. } => write!(
+                f,
+                "  outside the pool: the program, thread stacks and the allocator's slack"
+            ),
+        }
+    }
+}
+
+/// `bytes` in B, KiB, MiB, GiB or TiB, two decimals.
+pub fn human_bytes(bytes: usize) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
     }
 }

@@ -1,7 +1,16 @@
-//! What a device must provide to run the model: buffers, row copies, dense products, the
-//! position-wise ops and the three attention kinds. [`super::HostBackend`] implements it on
-//! the CPU (the twins of the kernels, used to test the device model's orchestration on any
-//! machine); [`super::CudaBackend`] with the hand-written kernels and cuBLAS.
+//! What a backend must provide to run the model: buffers, row copies, dense products, the
+//! position-wise ops and the three attention kinds. The model ([`crate::model::ReformerLm`])
+//! is written once against [`Backend`]; three backends implement it:
+//!
+//! * [`CpuBackend`] (`cpu.rs`): host memory, rayon and `gemm`, the attention of
+//!   `reformer-lsh` — the path every machine trains on, and each op the CPU twin of the CUDA
+//!   kernel of its name;
+//! * [`CudaBackend`] (`cuda.rs`): the hand-written kernels of `reformer-kernels` and cuBLAS, on
+//!   a GPU, every buffer in the budgeted device pool;
+//! * [`PlanBackend`] (`plan.rs`): no memory and no arithmetic, every buffer a counted token;
+//!   the model run on it is the memory plan ([`MemoryPlan`]).
+//!
+//! [`select`] turns a command line's `--device` into one of them.
 //!
 //! Buffers are flat `f32` arrays. A call may use a prefix of a longer buffer (chunk scratch is
 //! sized for the largest chunk), never more; 2-D views are `(offset, ld)` pairs ([`Strided`]).
@@ -13,6 +22,16 @@
 //! f32 and accumulate in f32; what they return for the backward (gradients, logsumexps) is f32.
 //! The reversible streams, parameters, gradients and optimizer state are always f32: the
 //! backward reconstructs each layer's input from its output, which bf16 streams could not.
+
+pub mod cpu;
+pub mod cuda;
+pub mod plan;
+pub mod select;
+
+pub use cpu::CpuBackend;
+pub use cuda::{ActBuf, CudaBackend};
+pub use plan::{human_bytes, MemoryPlan, PlanBackend, PlanTarget};
+pub use select::{select, DeviceRequest, Runner};
 
 use reformer_lsh::Rotations;
 use reformer_reversible::Dropout;
