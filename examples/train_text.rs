@@ -409,7 +409,7 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, path: &Path) -> AnyRe
             bits(ema),
             s.grad_norm
         );
-        if pb.is_hidden() && trainer.state.step % 25 == 0 {
+        if pb.is_hidden() && trainer.state.step.is_multiple_of(25) {
             // No terminal: a plain status line now and then instead of the bar.
             eprintln!("step {}/{total}: {msg}", trainer.state.step);
         }
@@ -440,7 +440,7 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, path: &Path) -> AnyRe
             }
         }
         let mut val = String::new();
-        if args.eval_every > 0 && step % args.eval_every == 0 {
+        if args.eval_every > 0 && step.is_multiple_of(args.eval_every) {
             if let Some(v) = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds)? {
                 let line = format!(
                     "step {step}: validation {:.4} bits/byte ({v:.4} nats), train {:.4} bits/byte",
@@ -465,7 +465,7 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, path: &Path) -> AnyRe
             s.lr,
             s.grad_norm
         )?;
-        if save_every > 0 && step % save_every == 0 {
+        if save_every > 0 && step.is_multiple_of(save_every) {
             trainer.save(&ckpt_path)?;
         }
     }

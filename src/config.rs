@@ -1,4 +1,4 @@
-//! Model configurations, the named presets of DESIGN.md, their `key=value` text form (stored in
+//! Model configurations, the named presets of `docs/design.md`, their `key=value` text form (stored in
 //! checkpoints) and their conversion to the reversible stack's per-layer configs.
 
 use reformer_engine::Rng;
@@ -97,7 +97,7 @@ fn alternating(n: usize) -> Vec<Attention> {
 }
 
 impl ModelConfig {
-    /// A preset by name: `tiny` (tests), `cp6`, `deep20`, `wide20` (DESIGN.md's table).
+    /// A preset by name: `tiny` (tests), `cp6`, `deep20`, `wide20` (`docs/design.md`).
     pub fn preset(name: &str) -> Result<ModelConfig> {
         let big_axial = (512, 1024);
         let cfg = match name {

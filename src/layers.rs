@@ -40,6 +40,56 @@ pub(crate) fn pair_mut<T>(v: &mut [T], i: usize, j: usize) -> Result<(&mut T, &m
     }
 }
 
+/// The rows of a batch: `seqs` sequences of `len` positions each (padded to the longest),
+/// stored one after another, so row `s·len + p` is position `p` of sequence `s`; `lens[s]`
+/// of them are real, the rest padding (masked as keys, outside the loss).
+#[derive(Debug, Clone)]
+pub struct Seqs {
+    pub len: usize,
+    pub lens: Vec<usize>,
+}
+
+impl Seqs {
+    /// One unpadded sequence.
+    pub fn one(len: usize) -> Self {
+        Self {
+            len,
+            lens: vec![len],
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Rows of the streams.
+    pub fn rows(&self) -> usize {
+        self.count() * self.len
+    }
+
+    /// Whether some sequence is padded.
+    pub fn padded(&self) -> bool {
+        self.lens.iter().any(|&l| l < self.len)
+    }
+
+    /// The parts of rows `r0..r0 + c` that lie in one sequence each: `(sequence, first
+    /// position, rows, offset of the part in the block)`.
+    fn parts(&self, r0: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        let len = self.len.max(1);
+        let mut row = r0;
+        std::iter::from_fn(move || {
+            if row >= r0 + c {
+                return None;
+            }
+            let (s, p) = (row / len, row % len);
+            let n = (len - p).min(r0 + c - row);
+            let part = (s, p, n, row - r0);
+            row += n;
+            Some(part)
+        })
+    }
+}
+
 /// Copies rows `r0..r0 + rows` of a `width`-wide buffer into the top of `dst`.
 fn rows_in<B: Backend>(
     b: &B,
@@ -153,38 +203,47 @@ impl<B: Backend> LnBlock<B> {
     }
 }
 
-/// One group of heads `h0..h0 + heads` of a call over `len` positions.
+/// One group of heads `h0..h0 + heads` of a call over a batch of sequences.
 #[derive(Debug, Clone, Copy)]
-struct Group {
+struct Group<'a> {
     h0: usize,
     heads: usize,
     d_head: usize,
-    len: usize,
+    seqs: &'a Seqs,
     /// The group is every head (weights are used whole, in place).
     all: bool,
 }
 
-impl Group {
+impl Group<'_> {
     fn width(&self) -> usize {
         self.heads * self.d_head
     }
+
+    /// Head layout `[seqs·heads, len, dh]`: head `j` of sequence `s` is head-row `s·heads + j`.
     fn shape(&self) -> HeadShape {
         HeadShape {
-            heads: self.heads,
-            len: self.len,
+            heads: self.seqs.count() * self.heads,
+            len: self.seqs.len,
             d: self.d_head,
         }
     }
 
-    /// For each head of the group, its rows from `r0` in head layout `[heads, len, dh]` and its
-    /// columns in the model-layout block `[c, width]`.
-    fn views(&self, r0: usize) -> impl Iterator<Item = (Strided, Strided)> {
-        let (dh, gw, len) = (self.d_head, self.width(), self.len);
-        (0..self.heads).map(move |j| {
-            (
-                Strided::new((j * len + r0) * dh, dh),
-                Strided::new(j * dh, gw),
-            )
+    fn rows(&self) -> usize {
+        self.seqs.rows()
+    }
+
+    /// For the model-layout block of rows `r0..r0 + c` (`[c, width]`), each head's part of
+    /// each sequence in it: `(head layout view, block view, rows)`.
+    fn views(&self, r0: usize, c: usize) -> impl Iterator<Item = (Strided, Strided, usize)> + '_ {
+        let (dh, gw, len, heads) = (self.d_head, self.width(), self.seqs.len, self.heads);
+        self.seqs.parts(r0, c).flat_map(move |(s, p, n, at)| {
+            (0..heads).map(move |j| {
+                (
+                    Strided::new(((s * heads + j) * len + p) * dh, dh),
+                    Strided::new(at * gw + j * dh, gw),
+                    n,
+                )
+            })
         })
     }
 
@@ -197,8 +256,8 @@ impl Group {
         r0: usize,
         c: usize,
     ) -> Result<()> {
-        for (h, m) in self.views(r0) {
-            b.copy_from_act(heads, h, block, m, c, self.d_head)?;
+        for (h, m, n) in self.views(r0, c) {
+            b.copy_from_act(heads, h, block, m, n, self.d_head)?;
         }
         Ok(())
     }
@@ -212,8 +271,8 @@ impl Group {
         r0: usize,
         c: usize,
     ) -> Result<()> {
-        for (h, m) in self.views(r0) {
-            b.copy2d(heads, h, block, m, c, self.d_head, 1.0, false)?;
+        for (h, m, n) in self.views(r0, c) {
+            b.copy2d(heads, h, block, m, n, self.d_head, 1.0, false)?;
         }
         Ok(())
     }
@@ -227,8 +286,8 @@ impl Group {
         r0: usize,
         c: usize,
     ) -> Result<()> {
-        for (h, m) in self.views(r0) {
-            b.copy_to_act(block, m, heads, h, c, self.d_head)?;
+        for (h, m, n) in self.views(r0, c) {
+            b.copy_to_act(block, m, heads, h, n, self.d_head)?;
         }
         Ok(())
     }
@@ -282,14 +341,14 @@ impl<B: Backend> HeadActs<B> {
 }
 
 impl AttnLayer {
-    fn groups(&self, len: usize) -> impl Iterator<Item = Group> {
+    fn groups<'a>(&self, seqs: &'a Seqs) -> impl Iterator<Item = Group<'a>> {
         let all = self.cfg.heads_per_group() >= self.cfg.n_heads;
         let d_head = self.cfg.d_head;
         self.cfg.head_groups().map(move |(h0, heads)| Group {
             h0,
             heads,
             d_head,
-            len,
+            seqs,
             all,
         })
     }
@@ -350,7 +409,7 @@ impl AttnLayer {
         x: &B::Buf,
         grp: Group,
     ) -> Result<Vec<B::Act>> {
-        let (d, gw, chunk, len) = (self.cfg.d_model, grp.width(), self.cfg.ff_chunk, grp.len);
+        let (d, gw, chunk, len) = (self.cfg.d_model, grp.width(), self.cfg.ff_chunk, grp.rows());
         let mut heads = self
             .proj
             .iter()
@@ -447,10 +506,10 @@ impl AttnLayer {
         };
         let w_o = copy.as_ref().unwrap_or(&vals[self.w_o]);
         let mask = self.dropout(ctx);
-        let c_max = chunk.min(grp.len);
+        let c_max = chunk.min(grp.rows());
         let mut m = b.alloc(&[c_max, gw])?;
         let mut y = b.alloc(&[c_max, d])?;
-        for (r0, c) in blocks(grp.len, chunk) {
+        for (r0, c) in blocks(grp.rows(), chunk) {
             grp.gather(b, o, &mut m, r0, c)?;
             b.gemm(&mut y, &m, w_o, c, gw, d, false, false, false)?;
             if let Some(mask) = &mask {
@@ -474,7 +533,8 @@ impl AttnLayer {
         ctx: &StepContext,
     ) -> Result<()> {
         let rot = self.rotations(len, ctx)?;
-        for grp in self.groups(len) {
+        let seqs = Seqs::one(len);
+        for grp in self.groups(&seqs) {
             let acts = self.heads_forward(b, vals, x, grp, rot.as_ref())?;
             self.output_add(b, vals, acts.out(), grp, out, sign, ctx)?;
         }
@@ -498,7 +558,8 @@ impl AttnLayer {
     ) -> Result<()> {
         let rot = self.rotations(len, ctx)?;
         let (chunk, causal) = (self.cfg.chunk_len, self.cfg.causal);
-        for grp in self.groups(len) {
+        let seqs = Seqs::one(len);
+        for grp in self.groups(&seqs) {
             let shape = grp.shape();
             let acts = self.heads_forward(b, vals, x, grp, rot.as_ref())?;
             if let Some(r) = reconstruct.as_deref_mut() {
@@ -557,11 +618,11 @@ impl AttnLayer {
         } else {
             Some(b.zeros(&[gw, d])?)
         };
-        let c_max = chunk.min(grp.len);
+        let c_max = chunk.min(grp.rows());
         let mut m = b.alloc(&[c_max, gw])?;
         let mut g = b.alloc(&[c_max, d])?;
         let mut d_heads = b.alloc_act(&grp.shape().dims())?;
-        for (r0, c) in blocks(grp.len, chunk) {
+        for (r0, c) in blocks(grp.rows(), chunk) {
             grp.gather(b, o, &mut m, r0, c)?;
             rows_in(b, d_out, &mut g, r0, c, d)?;
             if let Some(mask) = &mask {
@@ -614,7 +675,7 @@ impl AttnLayer {
             self.cfg.ff_chunk,
             self.width(),
         );
-        let c_max = chunk.min(grp.len);
+        let c_max = chunk.min(grp.rows());
         let mut ln = LnBlock::new(b, c_max, d)?;
         let mut d_ln = b.alloc(&[c_max, d])?;
         let mut dxs = b.alloc(&[c_max, d])?;
@@ -634,7 +695,7 @@ impl AttnLayer {
                 .collect::<Result<Vec<_>>>()?;
             (copies, dws)
         };
-        for (r0, c) in blocks(grp.len, chunk) {
+        for (r0, c) in blocks(grp.rows(), chunk) {
             ln.load(b, vals, (self.ln_g, self.ln_b), x, r0, c, d)?;
             for (i, hg) in head_grads.iter().enumerate() {
                 grp.gather_grad(b, hg, &mut g, r0, c)?;

@@ -133,12 +133,11 @@ mod tests {
         let b = CpuBackend::new(&reformer_engine::MemoryPool::unlimited());
         let cfg = AdamConfig::default();
         let mut w = b.upload(&[3], &[1.0, -2.0, 3.0]).unwrap();
-        let mut g = b.zeros(&[3]).unwrap();
         let (mut m, mut v) = (b.zeros(&[3]).unwrap(), b.zeros(&[3]).unwrap());
         for step in 1..=300 {
             // loss = ½‖w‖², grad = w
             let wv = b.download(&w).unwrap();
-            g = b.upload(&[3], &wv).unwrap();
+            let mut g = b.upload(&[3], &wv).unwrap();
             let norm = (b.sum_squares(&[&g]).unwrap().sqrt()) as f32;
             let clip = match cfg.clip_norm {
                 Some(max) if norm > max => max / norm,

@@ -1,4 +1,4 @@
-//! DESIGN.md property 7: with one bucket and one chunk covering the sequence (or rounds that
+//! Property 7 of `docs/design.md`: with one bucket and one chunk covering the sequence (or rounds that
 //! all hash alike), LSH attention equals exact causal shared-QK attention with the self
 //! penalty — outputs and gradients. Also: blockwise exact equals the plain reference, and
 //! local attention with one chunk equals exact scaled attention.

@@ -471,7 +471,7 @@ fn lsh_fold_and_combine_paths_agree() {
 
 #[test]
 fn lsh_with_one_bucket_and_one_chunk_equals_exact_on_the_gpu() {
-    // DESIGN.md property 7, on the device: every round hashes alike, one chunk covers the
+    // Property 7 of `docs/design.md`, on the device: every round hashes alike, one chunk covers the
     // sequence, so LSH attention is exact causal shared-QK attention with the self penalty.
     let Some(ctx) = context_for_test("lsh_with_one_bucket_and_one_chunk_equals_exact_on_the_gpu")
     else {

@@ -49,7 +49,7 @@ fn bytes_per_token_stay_flat_from_2_14_to_2_19() {
         for log in 15..=19 {
             let r = per_token(1 << log) / base;
             // Fixed-size chunk scratch weighs more at short lengths, so the ratio may fall;
-            // it must not grow past DESIGN.md's 1.3×.
+            // it must not grow past docs/design.md's 1.3×.
             assert!(
                 r <= 1.3,
                 "{name}: activation bytes per token at 2^{log} are {r:.3}× those at 2^14"
@@ -60,7 +60,7 @@ fn bytes_per_token_stay_flat_from_2_14_to_2_19() {
 
 #[test]
 fn the_headline_presets_fit_their_budgets_at_2_19() {
-    // DESIGN.md: wide20 ≤ 16 GiB, deep20 ≤ 8 GiB for a training step at 2^19 (device pool).
+    // docs/design.md: wide20 ≤ 16 GiB, deep20 ≤ 8 GiB for a training step at 2^19 (device pool).
     for (name, budget) in [("wide20", 16usize << 30), ("deep20", 8 << 30)] {
         let p = plan(&ModelConfig::preset(name).unwrap(), 1 << 19, true);
         assert!(

@@ -1,4 +1,4 @@
-//! Shared-QK LSH attention, forward and backward, exactly as DESIGN.md "Semantics" states.
+//! Shared-QK LSH attention, forward and backward, exactly as `docs/design.md` "Semantics" states.
 //!
 //! Per head and round: hash (angular LSH), stable counting sort by bucket, chunk the sorted
 //! sequence; chunk `c` attends to chunk `c` and chunk `c−1` of the same round (chunk 0 to the

@@ -16,10 +16,11 @@
 //!   nothing from the pool.
 //!
 //! Running [`ReformerLm`] on it replays the exact allocation sequence of a step in
-//! milliseconds, so its peak is the pool's peak (byte for byte; on several threads as long as
-//! the scheduler runs one tile-holding task per thread at the peak, which a loop of more tasks
-//! than threads does), with the live buffers at that moment and the phase of the step where it
-//! happens.
+//! milliseconds, so its peak is the pool's peak, byte for byte, with the live buffers at that
+//! moment and the phase of the step where it happens. On several CPU threads that holds when
+//! a task runs on every thread at the peak, as in loops of many tasks of some length; a loop of
+//! a few tiny tasks may be done before a second thread joins it, and the pool then peaks below
+//! the plan (never above it, nor below the one-thread plan).
 //!
 //! Outside the pool, and so outside the plan: on CUDA the context, the loaded modules and
 //! cuBLAS's workspace (the driver's reading includes them); on the CPU the program, the thread

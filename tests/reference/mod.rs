@@ -32,7 +32,7 @@ use reformer_reversible::{layer_rotations, AttentionKind, Dropout, LayerConfig, 
 
 /// Added to the variance in every layer norm (`reformer_reversible::layer_norm::LN_EPS`).
 pub const LN_EPS: f64 = 1e-6;
-/// Score of a key at the query's own position in shared-QK attention (DESIGN.md).
+/// Score of a key at the query's own position in shared-QK attention (docs/design.md).
 pub const SELF_SCORE: f64 = -1e5;
 /// Unit keys are `qk / sqrt(|qk|² + KEY_NORM_EPS)` (`reformer_lsh::keys::KEY_NORM_EPS`).
 pub const KEY_NORM_EPS: f64 = 1e-12;

@@ -1,5 +1,5 @@
 //! Attention on the GPU, mirroring the CPU API of `reformer-lsh` (same layouts, same
-//! semantics — DESIGN.md "Semantics that tests pin down"):
+//! semantics — `docs/design.md` "Semantics"):
 //!
 //! - shared-QK LSH attention: hash ([`lsh_hash`]), stable bucket sort per round
 //!   ([`lsh_sort`]), chunked attention with look-back, rounds combined by logsumexp
