@@ -12,7 +12,9 @@ use reformer_reversible::{
     layer_rotations, AttentionKind, Dropout, LayerConfig, Site, StepContext,
 };
 
-use crate::backend::{Backend, HeadShape, Strided};
+use crate::backend::{
+    AttnCall, Backend, ExactForward, HeadShape, LocalForward, LshForward, Strided,
+};
 use crate::error::{ReformerError, Result};
 
 /// Row blocks `(r0, rows)` of `total` rows, `chunk` at a time.
@@ -441,6 +443,24 @@ impl AttnLayer {
         Ok(heads)
     }
 
+    /// The group's attention call: its head layout, and the key mask when a sequence is padded.
+    fn call<'m, B: Backend>(&self, grp: Group, mask: Option<&'m B::Mask>) -> AttnCall<'m, B::Mask> {
+        AttnCall {
+            shape: grp.shape(),
+            chunk: self.cfg.chunk_len,
+            causal: self.cfg.causal,
+            mask,
+        }
+    }
+
+    /// The key mask of the group's head layout, when some sequence is padded.
+    fn mask<B: Backend>(&self, b: &B, grp: Group) -> Result<Option<B::Mask>> {
+        if !grp.seqs.padded() {
+            return Ok(None);
+        }
+        Ok(Some(b.key_mask(&grp.seqs.lens, grp.heads, grp.seqs.len)?))
+    }
+
     fn heads_forward<B: Backend>(
         &self,
         b: &B,
@@ -448,9 +468,8 @@ impl AttnLayer {
         x: &B::Buf,
         grp: Group,
         rot: Option<&reformer_lsh::Rotations>,
+        call: &AttnCall<'_, B::Mask>,
     ) -> Result<HeadActs<B>> {
-        let causal = self.cfg.causal;
-        let shape = grp.shape();
         let mut heads = self.project(b, vals, x, grp)?.into_iter();
         let mut next = || {
             heads
@@ -462,18 +481,17 @@ impl AttnLayer {
                 let (qk, v) = (next()?, next()?);
                 let rot =
                     rot.ok_or_else(|| ReformerError::Config("LSH layer without rotations".into()))?;
-                let (out, saved) =
-                    b.lsh_forward(&qk, &v, shape, rot, self.cfg.chunk_len, causal)?;
+                let (out, saved) = b.lsh_forward(&qk, &v, rot, call)?;
                 HeadActs::Lsh { qk, v, out, saved }
             }
             AttentionKind::Exact => {
                 let (qk, v) = (next()?, next()?);
-                let (out, lse) = b.exact_forward(&qk, &v, shape, causal)?;
+                let (out, lse) = b.exact_forward(&qk, &v, call)?;
                 HeadActs::Exact { qk, v, out, lse }
             }
             AttentionKind::Local => {
                 let (q, k, v) = (next()?, next()?, next()?);
-                let (out, lse) = b.local_forward(&q, &k, &v, shape, self.cfg.chunk_len, causal)?;
+                let (out, lse) = b.local_forward(&q, &k, &v, call)?;
                 HeadActs::Local { q, k, v, out, lse }
             }
         })
@@ -520,7 +538,7 @@ impl AttnLayer {
         Ok(())
     }
 
-    /// `out += sign · Attn(x)` for `x`, `out` `[len, d_model]`.
+    /// `out += sign · Attn(x)` for `x`, `out` `[seqs.rows(), d_model]`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_add<B: Backend>(
         &self,
@@ -529,13 +547,14 @@ impl AttnLayer {
         x: &B::Buf,
         out: &mut B::Buf,
         sign: f32,
-        len: usize,
+        seqs: &Seqs,
         ctx: &StepContext,
     ) -> Result<()> {
-        let rot = self.rotations(len, ctx)?;
-        let seqs = Seqs::one(len);
-        for grp in self.groups(&seqs) {
-            let acts = self.heads_forward(b, vals, x, grp, rot.as_ref())?;
+        let rot = self.rotations(seqs.len, ctx)?;
+        for grp in self.groups(seqs) {
+            let mask = self.mask(b, grp)?;
+            let call = self.call::<B>(grp, mask.as_ref());
+            let acts = self.heads_forward(b, vals, x, grp, rot.as_ref(), &call)?;
             self.output_add(b, vals, acts.out(), grp, out, sign, ctx)?;
         }
         Ok(())
@@ -553,15 +572,14 @@ impl AttnLayer {
         d_out: &B::Buf,
         dx: &mut B::Buf,
         mut reconstruct: Option<&mut B::Buf>,
-        len: usize,
+        seqs: &Seqs,
         ctx: &StepContext,
     ) -> Result<()> {
-        let rot = self.rotations(len, ctx)?;
-        let (chunk, causal) = (self.cfg.chunk_len, self.cfg.causal);
-        let seqs = Seqs::one(len);
-        for grp in self.groups(&seqs) {
-            let shape = grp.shape();
-            let acts = self.heads_forward(b, vals, x, grp, rot.as_ref())?;
+        let rot = self.rotations(seqs.len, ctx)?;
+        for grp in self.groups(seqs) {
+            let mask = self.mask(b, grp)?;
+            let call = self.call::<B>(grp, mask.as_ref());
+            let acts = self.heads_forward(b, vals, x, grp, rot.as_ref(), &call)?;
             if let Some(r) = reconstruct.as_deref_mut() {
                 self.output_add(b, vals, acts.out(), grp, r, -1.0, ctx)?;
             }
@@ -571,18 +589,34 @@ impl AttnLayer {
                     let rot = rot.as_ref().ok_or_else(|| {
                         ReformerError::Config("LSH layer without rotations".into())
                     })?;
-                    let (d_qk, d_v) =
-                        b.lsh_backward(&qk, &v, &out, &d_heads, &saved, shape, rot, chunk, causal)?;
+                    let fwd = LshForward {
+                        qk: &qk,
+                        v: &v,
+                        out: &out,
+                        saved: &saved,
+                    };
+                    let (d_qk, d_v) = b.lsh_backward(fwd, &d_heads, rot, &call)?;
                     vec![d_qk, d_v]
                 }
                 HeadActs::Exact { qk, v, out, lse } => {
-                    let (d_qk, d_v) =
-                        b.exact_backward(&qk, &v, &out, &lse, &d_heads, shape, causal)?;
+                    let fwd = ExactForward {
+                        qk: &qk,
+                        v: &v,
+                        out: &out,
+                        lse: &lse,
+                    };
+                    let (d_qk, d_v) = b.exact_backward(fwd, &d_heads, &call)?;
                     vec![d_qk, d_v]
                 }
                 HeadActs::Local { q, k, v, out, lse } => {
-                    let (d_q, d_k, d_v) =
-                        b.local_backward(&q, &k, &v, &out, &lse, &d_heads, shape, chunk, causal)?;
+                    let fwd = LocalForward {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        out: &out,
+                        lse: &lse,
+                    };
+                    let (d_q, d_k, d_v) = b.local_backward(fwd, &d_heads, &call)?;
                     vec![d_q, d_k, d_v]
                 }
             };

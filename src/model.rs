@@ -18,7 +18,7 @@ use crate::checkpoint::{Checkpoint, Moments, Snapshot};
 use crate::config::{ModelConfig, VOCAB};
 use crate::error::{ReformerError, Result};
 use crate::init::initial_values;
-use crate::layers::{blocks, pair_mut, AttnLayer, FfLayer};
+use crate::layers::{blocks, pair_mut, AttnLayer, FfLayer, Seqs};
 use crate::optim::{AdamConfig, UpdateStats};
 
 /// `(dY1, dY2)` from the head.
@@ -338,6 +338,15 @@ impl<B: Backend> ReformerLm<B> {
         Ok(())
     }
 
+    /// Dropout rate of every layer from now on (0 turns it off).
+    pub fn set_dropout(&mut self, rate: f32) {
+        self.cfg.dropout = rate;
+        for (a, f) in &mut self.layers {
+            a.cfg.dropout = rate;
+            f.cfg.dropout = rate;
+        }
+    }
+
     /// Positions per chunk of the LM head (the loss) from now on.
     pub fn set_loss_chunk(&mut self, chunk: usize) {
         self.cfg.loss_chunk = chunk.max(1);
@@ -361,79 +370,115 @@ impl<B: Backend> ReformerLm<B> {
         Ok(())
     }
 
-    fn split(tokens: &[u8]) -> Result<(&[u8], &[u8])> {
-        if tokens.len() < 2 {
+    /// The batch's geometry and its inputs, padded with byte 0 to `pad_to` (default: the
+    /// longest); each sequence holds its inputs and their next-byte targets (`len + 1` bytes).
+    fn prepare(&self, batch: &[&[u8]], pad_to: Option<usize>) -> Result<(Seqs, Vec<u8>)> {
+        if batch.is_empty() {
+            return Err(ReformerError::InvalidArgument(
+                "a batch needs at least one sequence".into(),
+            ));
+        }
+        let mut lens = Vec::with_capacity(batch.len());
+        for seq in batch {
+            if seq.len() < 2 {
+                return Err(ReformerError::InvalidArgument(format!(
+                    "a sequence needs at least 2 tokens (inputs + next-byte targets), got {}",
+                    seq.len()
+                )));
+            }
+            lens.push(seq.len() - 1);
+        }
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let len = pad_to.unwrap_or(longest);
+        if len < longest {
             return Err(ReformerError::InvalidArgument(format!(
-                "a training sequence needs at least 2 tokens (inputs + next-byte targets), got {}",
-                tokens.len()
+                "a batch padded to {len} positions holds a sequence of {longest}"
             )));
         }
-        Ok((&tokens[..tokens.len() - 1], &tokens[1..]))
+        self.check_len(len)?;
+        let mut inputs = Vec::with_capacity(batch.len() * len);
+        for (seq, &l) in batch.iter().zip(&lens) {
+            inputs.extend_from_slice(&seq[..l]);
+            inputs.resize(inputs.len() + len - l, 0);
+        }
+        Ok((Seqs { len, lens }, inputs))
     }
 
-    /// `(X1, X2)`: token embedding plus axial positions, duplicated.
-    fn embed(&self, inputs: &[u8]) -> Result<(B::Buf, B::Buf)> {
-        let (b, d, len) = (&self.backend, self.cfg.d_model, inputs.len());
-        let mut x = b.alloc(&[len, d])?;
+    /// `(X1, X2)`: token embedding plus axial positions (each sequence from position 0),
+    /// duplicated.
+    fn embed(&self, inputs: &[u8], seqs: &Seqs) -> Result<(B::Buf, B::Buf)> {
+        let (b, d) = (&self.backend, self.cfg.d_model);
+        let (rows, len) = (seqs.rows(), seqs.len);
+        let mut x = b.alloc(&[rows, d])?;
         b.embed(inputs, &self.values[self.tokens], &mut x, d)?;
-        b.axial_forward_add(
-            &self.values[self.axial.0],
-            &self.values[self.axial.1],
-            &mut x,
-            len,
-            self.tables,
-        )?;
-        let mut x2 = b.alloc(&[len, d])?;
-        b.copy2d(
-            &x,
-            Strided::new(0, len * d),
-            &mut x2,
-            Strided::new(0, len * d),
-            1,
-            len * d,
-            1.0,
-            false,
-        )?;
+        let (e1, e2) = (&self.values[self.axial.0], &self.values[self.axial.1]);
+        if seqs.count() == 1 {
+            b.axial_forward_add(e1, e2, &mut x, len, self.tables)?;
+        } else {
+            let mut pos = b.zeros(&[len, d])?;
+            b.axial_forward_add(e1, e2, &mut pos, len, self.tables)?;
+            for s in 0..seqs.count() {
+                let at = Strided::new(s * len * d, len * d);
+                b.copy2d(
+                    &pos,
+                    Strided::new(0, len * d),
+                    &mut x,
+                    at,
+                    1,
+                    len * d,
+                    1.0,
+                    true,
+                )?;
+            }
+        }
+        let mut x2 = b.alloc(&[rows, d])?;
+        let whole = Strided::new(0, rows * d);
+        b.copy2d(&x, whole, &mut x2, whole, 1, rows * d, 1.0, false)?;
         Ok((x, x2))
     }
 
     /// Embedding and the stack: `(Y1, Y2)`.
-    fn forward_stack(&self, inputs: &[u8], ctx: &StepContext) -> Result<(B::Buf, B::Buf)> {
-        self.check_len(inputs.len())?;
-        let len = inputs.len();
+    fn forward_stack(
+        &self,
+        inputs: &[u8],
+        seqs: &Seqs,
+        ctx: &StepContext,
+    ) -> Result<(B::Buf, B::Buf)> {
         self.backend.mark("embedding");
-        let (mut y1, mut y2) = self.embed(inputs)?;
+        let (mut y1, mut y2) = self.embed(inputs, seqs)?;
         let (b, vals) = (&self.backend, &self.values[..]);
         for (i, (attn, ff)) in self.layers.iter().enumerate() {
             b.mark(&format!(
                 "layer {i} forward: {:?} attention",
                 attn.cfg.attention
             ));
-            attn.forward_add(b, vals, &y2, &mut y1, 1.0, len, ctx)?;
+            attn.forward_add(b, vals, &y2, &mut y1, 1.0, seqs, ctx)?;
             b.mark(&format!("layer {i} forward: feed-forward"));
-            ff.forward_add(b, vals, &y1, &mut y2, 1.0, len, ctx)?;
+            ff.forward_add(b, vals, &y1, &mut y2, 1.0, seqs.rows(), ctx)?;
         }
         Ok((y1, y2))
     }
 
-    /// The head over rows of `(Y1, Y2)` a chunk at a time: the summed loss, and with
-    /// `grad_scale` the gradients `(dY1, dY2)` of `grad_scale ·` loss (head gradients
-    /// accumulate).
+    /// The head over each sequence's real rows of `(Y1, Y2)`, a chunk at a time: each
+    /// sequence's summed loss, and with `grad_scale` the gradients `(dY1, dY2)` of
+    /// `grad_scale ·` the batch's summed loss (head gradients accumulate; padded rows get 0).
     fn head(
         &mut self,
         y1: &B::Buf,
         y2: &B::Buf,
-        targets: &[u8],
+        seqs: &Seqs,
+        batch: &[&[u8]],
         grad_scale: Option<f32>,
-    ) -> Result<(f64, Option<StreamGrads<B>>)> {
+    ) -> Result<(Vec<f64>, Option<StreamGrads<B>>)> {
         let b = &self.backend;
         b.mark("LM head and loss");
-        let (d, len) = (self.cfg.d_model, targets.len());
+        let (d, len) = (self.cfg.d_model, seqs.len);
         let w = 2 * d;
         let chunk = self.cfg.loss_chunk.max(1);
-        let rows_max = chunk.min(len.max(1));
+        let longest = seqs.lens.iter().copied().max().unwrap_or(0);
+        let rows_max = chunk.min(longest.max(1));
         let mut dys = match grad_scale {
-            Some(_) => Some((b.zeros(&[len, d])?, b.zeros(&[len, d])?)),
+            Some(_) => Some((b.zeros(&[seqs.rows(), d])?, b.zeros(&[seqs.rows(), d])?)),
             None => None,
         };
         let mut hs = HeadRows::new(b, rows_max, w)?;
@@ -442,62 +487,65 @@ impl<B: Backend> ReformerLm<B> {
             None => None,
         };
         let (g, beta) = self.head_ln;
-        let mut total = 0.0f64;
-        for (start, rows) in blocks(len, chunk) {
-            self.head_forward(&mut hs, y1, y2, start, rows)?;
-            let vals = &self.values;
-            let HeadRows {
-                h,
-                hn,
-                mean,
-                rstd,
-                logits,
-            } = &mut hs;
-            let losses =
-                b.cross_entropy(logits, &targets[start..start + rows], VOCAB, grad_scale)?;
-            total += losses.iter().map(|&l| l as f64).sum::<f64>();
-            if let (Some((dhn, dh)), Some((dy1, dy2))) = (back.as_mut(), dys.as_mut()) {
-                let grads = &mut self.grads;
-                b.gemm(
-                    &mut grads[self.head_w],
+        let mut sums = vec![0.0f64; seqs.count()];
+        for (s, seq) in batch.iter().enumerate() {
+            let targets = &seq[1..];
+            for (p0, rows) in blocks(seqs.lens[s], chunk) {
+                let start = s * len + p0;
+                self.head_forward(&mut hs, y1, y2, start, rows)?;
+                let vals = &self.values;
+                let HeadRows {
+                    h,
                     hn,
+                    mean,
+                    rstd,
                     logits,
-                    w,
-                    rows,
-                    VOCAB,
-                    true,
-                    false,
-                    true,
-                )?;
-                b.column_sums_acc(logits, &mut grads[self.head_b], rows, VOCAB)?;
-                b.gemm(
-                    dhn,
-                    logits,
-                    &vals[self.head_w],
-                    rows,
-                    VOCAB,
-                    w,
-                    false,
-                    true,
-                    false,
-                )?;
-                let (dg, db) = pair_mut(grads, g, beta)?;
-                b.layer_norm_backward(h, &vals[g], mean, rstd, dhn, dh, dg, db, rows, w)?;
-                for (dy, col) in [(dy1, 0), (dy2, d)] {
-                    b.copy2d(
-                        dh,
-                        Strided::new(col, w),
-                        dy,
-                        Strided::new(start * d, d),
+                } = &mut hs;
+                let losses = b.cross_entropy(logits, &targets[p0..p0 + rows], VOCAB, grad_scale)?;
+                sums[s] += losses.iter().map(|&l| l as f64).sum::<f64>();
+                if let (Some((dhn, dh)), Some((dy1, dy2))) = (back.as_mut(), dys.as_mut()) {
+                    let grads = &mut self.grads;
+                    b.gemm(
+                        &mut grads[self.head_w],
+                        hn,
+                        logits,
+                        w,
                         rows,
-                        d,
-                        1.0,
+                        VOCAB,
+                        true,
+                        false,
+                        true,
+                    )?;
+                    b.column_sums_acc(logits, &mut grads[self.head_b], rows, VOCAB)?;
+                    b.gemm(
+                        dhn,
+                        logits,
+                        &vals[self.head_w],
+                        rows,
+                        VOCAB,
+                        w,
+                        false,
+                        true,
                         false,
                     )?;
+                    let (dg, db) = pair_mut(grads, g, beta)?;
+                    b.layer_norm_backward(h, &vals[g], mean, rstd, dhn, dh, dg, db, rows, w)?;
+                    for (dy, col) in [(dy1, 0), (dy2, d)] {
+                        b.copy2d(
+                            dh,
+                            Strided::new(col, w),
+                            dy,
+                            Strided::new(start * d, d),
+                            rows,
+                            d,
+                            1.0,
+                            false,
+                        )?;
+                    }
                 }
             }
         }
-        Ok((total, dys))
+        Ok((sums, dys))
     }
 
     /// The head's forward over rows `start..start + rows` of `(Y1, Y2)`: `hs.logits` holds
@@ -551,7 +599,9 @@ impl<B: Backend> ReformerLm<B> {
 
     /// The 256 logits predicting the byte after `context` (a full forward over it).
     pub fn next_logits(&mut self, context: &[u8], ctx: &StepContext) -> Result<Vec<f32>> {
-        let (y1, y2) = self.forward_stack(context, ctx)?;
+        self.check_len(context.len())?;
+        let seqs = Seqs::one(context.len());
+        let (y1, y2) = self.forward_stack(context, &seqs, ctx)?;
         let mut hs = HeadRows::new(&self.backend, 1, 2 * self.cfg.d_model)?;
         self.head_forward(&mut hs, &y1, &y2, context.len() - 1, 1)?;
         let mut logits = self.backend.download(&hs.logits)?;
@@ -561,17 +611,41 @@ impl<B: Backend> ReformerLm<B> {
 
     /// Forward and backward of one sequence of `len + 1` bytes (position `p` predicts byte
     /// `p + 1`): returns the mean loss in nats and **adds** the gradients of the mean loss to
-    /// the device gradients (call [`ReformerLm::zero_grad`] first).
+    /// the model's gradients (call [`ReformerLm::zero_grad`] first).
     pub fn train_step_grads(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f32> {
-        let (inputs, targets) = Self::split(tokens)?;
-        let len = inputs.len();
-        let (y1, y2) = self.forward_stack(inputs, ctx)?;
-        let (sum, dys) = self.head(&y1, &y2, targets, Some(1.0 / len as f32))?;
-        let loss = (sum / len as f64) as f32;
-        if !loss.is_finite() {
+        Ok(self.train_batch_grads(&[tokens], None, ctx)?.mean() as f32)
+    }
+
+    /// Forward and backward of a batch: each sequence holds `len_s + 1` bytes (its inputs and
+    /// next-byte targets), every sequence is padded to `pad_to` positions (default: the
+    /// longest), padded positions are masked as keys in every attention kind and left out of
+    /// the loss. One step context serves the batch: its LSH rotations (drawn for the padded
+    /// length) are shared by every sequence, and dropout masks are drawn per row of the batch.
+    /// **Adds** the gradients of the batch's mean loss per position to the model's gradients
+    /// and returns each sequence's summed loss.
+    ///
+    /// A sequence's result equals that of the sequence alone padded to the same length;
+    /// without LSH layers, that of the sequence alone at its own length (causal attention
+    /// never reaches the padding).
+    pub fn train_batch_grads(
+        &mut self,
+        batch: &[&[u8]],
+        pad_to: Option<usize>,
+        ctx: &StepContext,
+    ) -> Result<BatchLoss> {
+        let (seqs, inputs) = self.prepare(batch, pad_to)?;
+        let tokens: usize = seqs.lens.iter().sum();
+        let (y1, y2) = self.forward_stack(&inputs, &seqs, ctx)?;
+        let (sums, dys) = self.head(&y1, &y2, &seqs, batch, Some(1.0 / tokens as f32))?;
+        let loss = BatchLoss {
+            sums,
+            counts: seqs.lens.clone(),
+        };
+        let mean = loss.mean() as f32;
+        if !mean.is_finite() {
             return Err(ReformerError::NonFinite {
                 what: "loss",
-                value: loss,
+                value: mean,
                 step: ctx.step,
             });
         }
@@ -590,7 +664,7 @@ impl<B: Backend> ReformerLm<B> {
                 &dx2,
                 &mut dx1,
                 Some(&mut x2),
-                len,
+                seqs.rows(),
                 ctx,
             )?;
             b.mark(&format!(
@@ -606,42 +680,67 @@ impl<B: Backend> ReformerLm<B> {
                 &dx1,
                 &mut dx2,
                 Some(&mut x1),
-                len,
+                &seqs,
                 ctx,
             )?;
         }
         drop((x1, x2));
         b.mark("embedding backward");
         // X1 and X2 are the same embedding: its gradient is the sum.
-        let d = self.cfg.d_model;
-        b.copy2d(
-            &dx2,
-            Strided::new(0, len * d),
-            &mut dx1,
-            Strided::new(0, len * d),
-            1,
-            len * d,
-            1.0,
-            true,
-        )?;
+        let (d, rows, len) = (self.cfg.d_model, seqs.rows(), seqs.len);
+        let whole = Strided::new(0, rows * d);
+        b.copy2d(&dx2, whole, &mut dx1, whole, 1, rows * d, 1.0, true)?;
         drop(dx2);
         let (e1, e2) = pair_mut(&mut self.grads, self.axial.0, self.axial.1)?;
-        b.axial_backward(&dx1, e1, e2, len, self.tables)?;
-        b.embed_backward(inputs, &dx1, &mut self.grads[self.tokens], d)?;
+        if seqs.count() == 1 {
+            b.axial_backward(&dx1, e1, e2, len, self.tables)?;
+        } else {
+            // Every sequence's positions start at 0: their gradients meet in one table.
+            let mut dpos = b.zeros(&[len, d])?;
+            for s in 0..seqs.count() {
+                let at = Strided::new(s * len * d, len * d);
+                b.copy2d(
+                    &dx1,
+                    at,
+                    &mut dpos,
+                    Strided::new(0, len * d),
+                    1,
+                    len * d,
+                    1.0,
+                    true,
+                )?;
+            }
+            b.axial_backward(&dpos, e1, e2, len, self.tables)?;
+        }
+        b.embed_backward(&inputs, &dx1, &mut self.grads[self.tokens], d)?;
         Ok(loss)
+    }
+
+    /// Each sequence's summed loss (nats) over its positions, without gradients; the batch
+    /// as in [`ReformerLm::train_batch_grads`].
+    pub fn eval_batch_loss(
+        &mut self,
+        batch: &[&[u8]],
+        pad_to: Option<usize>,
+        ctx: &StepContext,
+    ) -> Result<BatchLoss> {
+        let (seqs, inputs) = self.prepare(batch, pad_to)?;
+        let (y1, y2) = self.forward_stack(&inputs, &seqs, ctx)?;
+        let (sums, _) = self.head(&y1, &y2, &seqs, batch, None)?;
+        Ok(BatchLoss {
+            sums,
+            counts: seqs.lens,
+        })
     }
 
     /// The summed loss (nats) over the `len` positions of `tokens` (`len + 1` bytes).
     pub fn eval_loss_sum(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f64> {
-        let (inputs, targets) = Self::split(tokens)?;
-        let (y1, y2) = self.forward_stack(inputs, ctx)?;
-        Ok(self.head(&y1, &y2, targets, None)?.0)
+        Ok(self.eval_batch_loss(&[tokens], None, ctx)?.sums[0])
     }
 
     /// Mean loss (nats) of `tokens` without gradients.
     pub fn eval_loss(&mut self, tokens: &[u8], ctx: &StepContext) -> Result<f32> {
-        let sum = self.eval_loss_sum(tokens, ctx)?;
-        Ok((sum / (tokens.len() - 1) as f64) as f32)
+        Ok(self.eval_batch_loss(&[tokens], None, ctx)?.mean() as f32)
     }
 
     /// One Adam step from the accumulated gradients (moments allocated at the first call), with
@@ -729,5 +828,19 @@ impl<B: Backend> HeadRows<B> {
             rstd: b.alloc(&[rows])?,
             logits: b.alloc(&[rows, VOCAB])?,
         })
+    }
+}
+
+/// The losses of a batch: each sequence's summed loss (nats) and its positions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchLoss {
+    pub sums: Vec<f64>,
+    pub counts: Vec<usize>,
+}
+
+impl BatchLoss {
+    /// The mean loss per position over the batch.
+    pub fn mean(&self) -> f64 {
+        self.sums.iter().sum::<f64>() / self.counts.iter().sum::<usize>().max(1) as f64
     }
 }

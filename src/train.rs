@@ -13,7 +13,7 @@ use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::ModelConfig;
 use crate::data::TextData;
-use crate::error::Result;
+use crate::error::{ReformerError, Result};
 use crate::model::ReformerLm;
 use crate::optim::{AdamConfig, LrSchedule};
 use crate::StepContext;
@@ -43,6 +43,10 @@ pub struct Trainer<B: Backend> {
     /// [`Trainer::step`]). Not stored in checkpoints: a resumed run continues its
     /// uninterrupted twin exactly when it is given the same batch again.
     pub batch: usize,
+    /// Windows per forward pass (at least 1, at most `batch`): the step's windows run in
+    /// batches of this many, each one forward and backward over `[micro_batch, seq_len]`,
+    /// their gradients accumulated. Memory grows with it; `batch` by default.
+    pub micro_batch: usize,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -70,13 +74,28 @@ impl<B: Backend> Trainer<B> {
             state,
             data,
             batch: 1,
+            micro_batch: 1,
         })
     }
 
-    /// Sets the windows per step (at least 1). A fresh trainer has 1.
+    /// Sets the windows per step (at least 1), all in one forward pass. A fresh trainer has 1.
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
+        self.micro_batch = self.batch;
         self
+    }
+
+    /// Sets the windows per forward pass: a divisor of `batch` (every pass weighs alike in
+    /// the step's mean).
+    pub fn with_micro_batch(mut self, micro_batch: usize) -> Result<Self> {
+        if micro_batch == 0 || self.batch % micro_batch != 0 {
+            return Err(ReformerError::InvalidArgument(format!(
+                "{micro_batch} windows per forward pass do not divide the {} windows of a step",
+                self.batch
+            )));
+        }
+        self.micro_batch = micro_batch;
+        Ok(self)
     }
 
     /// Continues from a loaded checkpoint: its config, parameters, moments and state.
@@ -87,26 +106,33 @@ impl<B: Backend> Trainer<B> {
             state: ck.state.clone(),
             data,
             batch: 1,
+            micro_batch: 1,
         })
     }
 
     /// One optimizer step on the `batch` windows of the current step: the gradient of the
-    /// mean loss over the windows, accumulated one window at a time (memory as for one).
+    /// mean loss over the windows, in forward passes of `micro_batch` windows.
     ///
-    /// Window `k` of step `s` is the data pipeline's window number `s·batch + k`, run with
-    /// the step context of that number (its own dropout masks and LSH rotations); with one
-    /// window per step this is window `s` with context `s`.
+    /// Window `k` of step `s` is the data pipeline's window number `s·batch + k`. Pass `j` of
+    /// step `s` (windows `j·micro_batch ..`) runs with the step context number
+    /// `s·passes + j`: its LSH rotations are shared by its windows, its dropout masks drawn per
+    /// row. With one window per pass, window `k` of step `s` has context `s·batch + k` (as
+    /// before batches were real); with one window per step, window `s` has context `s`.
     pub fn step(&mut self) -> Result<StepStats> {
         let batch = self.batch.max(1);
         self.lm.zero_grad()?;
         let lm = &mut self.lm;
-        let loss = train_windows(&self.data, &self.state, batch, |w, ctx| {
-            lm.train_step_grads(w, ctx)
-        })?;
+        let (loss, passes) = train_windows(
+            &self.data,
+            &self.state,
+            batch,
+            self.micro_batch,
+            |ws, ctx| Ok(lm.train_batch_grads(ws, None, ctx)?.mean() as f32),
+        )?;
         let lr = self.state.schedule.lr_at(self.state.step);
         let stats = self
             .lm
-            .adam_update_scaled(self.state.adam, lr, 1.0 / batch as f32)?;
+            .adam_update_scaled(self.state.adam, lr, 1.0 / passes as f32)?;
         Ok(advance(&mut self.state, batch, loss, lr, stats.grad_norm))
     }
 
@@ -129,8 +155,12 @@ impl<B: Backend> Trainer<B> {
         self.lm
             .set_rounds(rounds.unwrap_or(self.lm.config().eval_rounds))?;
         let lm = &mut self.lm;
-        let result = validation_loss(&self.data, len, max_windows, |w| {
-            lm.eval_loss_sum(w, &StepContext::eval(0))
+        let result = validation_loss(&self.data, len, max_windows, self.micro_batch, |ws| {
+            Ok(lm
+                .eval_batch_loss(ws, None, &StepContext::eval(0))?
+                .sums
+                .iter()
+                .sum())
         });
         self.lm.set_rounds(train_rounds)?;
         result
@@ -144,25 +174,31 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
-/// Runs `grads` (one window's forward and backward, returning its mean loss) on each of the
-/// `batch` windows of the step `state` is at, and returns their mean loss. Window `k` of step
-/// `s` is the data pipeline's window `s·batch + k`, with the step context of that number (its
-/// own dropout masks and LSH rotations): both trainers, on every device, step through the data
-/// alike.
+/// Runs `grads` (one pass's forward and backward over its windows, returning their mean
+/// loss) on the `batch` windows of the step `state` is at, `micro` windows a pass, and returns
+/// the mean loss and the number of passes. Window `k` of step `s` is the data pipeline's window
+/// `s·batch + k`; pass `j` has the step context number `s·passes + j`.
 pub(crate) fn train_windows(
     data: &TextData,
     state: &TrainState,
     batch: usize,
-    mut grads: impl FnMut(&[u8], &StepContext) -> Result<f32>,
-) -> Result<f32> {
-    let batch = batch.max(1) as u64;
-    let mut loss_sum = 0.0f64;
-    for k in 0..batch {
-        let index = state.step * batch + k;
-        let window = data.train_window(state.data_seed, index, state.seq_len)?;
-        loss_sum += grads(window, &StepContext::train(index))? as f64;
+    micro: usize,
+    mut grads: impl FnMut(&[&[u8]], &StepContext) -> Result<f32>,
+) -> Result<(f32, usize)> {
+    let batch = batch.max(1);
+    let micro = micro.clamp(1, batch);
+    let passes = batch.div_ceil(micro);
+    let first = state.step * batch as u64;
+    let mut windows = Vec::with_capacity(batch);
+    for k in 0..batch as u64 {
+        windows.push(data.train_window(state.data_seed, first + k, state.seq_len)?);
     }
-    Ok((loss_sum / batch as f64) as f32)
+    let mut loss_sum = 0.0f64;
+    for (j, ws) in windows.chunks(micro).enumerate() {
+        let ctx = StepContext::train(state.step * passes as u64 + j as u64);
+        loss_sum += grads(ws, &ctx)? as f64 * ws.len() as f64;
+    }
+    Ok(((loss_sum / batch as f64) as f32, passes))
 }
 
 /// Counts a finished step of `batch` windows in `state` and reports it.
@@ -187,21 +223,23 @@ pub(crate) fn advance(
 }
 
 /// Mean loss (nats per byte) over up to `max_windows` fixed validation windows of `len`
-/// tokens, `loss_sum` giving one window's summed loss; `None` without validation data.
+/// tokens, `loss_sum` giving the summed loss of a batch of up to `batch` windows; `None`
+/// without validation data.
 pub(crate) fn validation_loss(
     data: &TextData,
     len: usize,
     max_windows: usize,
-    mut loss_sum: impl FnMut(&[u8]) -> Result<f64>,
+    batch: usize,
+    mut loss_sum: impl FnMut(&[&[u8]]) -> Result<f64>,
 ) -> Result<Option<f32>> {
     let windows = data.valid_windows(len, max_windows);
     if windows.is_empty() {
         return Ok(None);
     }
     let (mut sum, mut count) = (0.0f64, 0usize);
-    for w in windows {
-        sum += loss_sum(w)?;
-        count += w.len() - 1;
+    for ws in windows.chunks(batch.max(1)) {
+        sum += loss_sum(ws)?;
+        count += ws.iter().map(|w| w.len() - 1).sum::<usize>();
     }
     Ok(Some((sum / count as f64) as f32))
 }

@@ -28,9 +28,13 @@ fn a_checkpoint_of_the_reference_trainer_loads_and_continues() {
     )
     .unwrap();
     let pool = MemoryPool::unlimited();
+    // One window per forward pass: each window has its own step context, as the reference
+    // trainer ran them (in one pass of two, the windows would share one).
     let mut t = Trainer::from_checkpoint(CpuBackend::new(&pool), &ck, data)
         .unwrap()
-        .with_batch(2);
+        .with_batch(2)
+        .with_micro_batch(1)
+        .unwrap();
     let val = bits(t.evaluate(8, None).unwrap().unwrap());
     assert!(
         (val - 8.6011).abs() <= 1e-4,

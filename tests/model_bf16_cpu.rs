@@ -10,7 +10,7 @@ mod model_common;
 mod reference;
 
 use model_common::bf16::{compare, NO_HASH, WITH_LSH};
-use reformer::backend::{Backend, CpuBackend, DType, HeadShape, Strided};
+use reformer::backend::{AttnCall, Backend, CpuBackend, DType, HeadShape, Strided};
 use reformer::{Attention, ModelConfig};
 use reformer_engine::{MemoryPool, Rng};
 
@@ -107,7 +107,13 @@ fn host_backend_stores_bf16_values_where_the_gpu_stores_bf16() {
         cols,
     )
     .unwrap();
-    let (out, _) = b.local_forward(&act, &act, &v, shape, 4, true).unwrap();
+    let call = AttnCall {
+        shape,
+        chunk: 4,
+        causal: true,
+        mask: None,
+    };
+    let (out, _) = b.local_forward(&act, &act, &v, &call).unwrap();
     assert!(b.download_act(&out).unwrap().iter().all(|&x| is_bf16(x)));
     // f16 has no kernels: a typed error, not a silent f32.
     assert!(CpuBackend::new(&pool).with_act_dtype(DType::F16).is_err());

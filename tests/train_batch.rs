@@ -48,13 +48,28 @@ fn grads(t: &Trainer<CpuBackend>) -> Vec<Vec<f32>> {
     t.lm.download_grads().unwrap()
 }
 
+/// With one window per forward pass, window `k` of step `s` runs with its own step context
+/// `s·batch + k` (its own masks and rotations); with dropout on.
 #[test]
 fn a_batch_step_averages_the_window_gradients() {
+    batch_step_averages_the_window_gradients(1, 0.1);
+}
+
+/// With the step's windows in one forward pass, they share the context `s`; dropout off
+/// (in a batch each row draws its own mask, so a window's masks are not those of it alone).
+#[test]
+fn a_batch_in_one_pass_averages_the_window_gradients() {
+    batch_step_averages_the_window_gradients(3, 0.0);
+}
+
+fn batch_step_averages_the_window_gradients(micro: usize, dropout: f32) {
     let pool = MemoryPool::unlimited();
     let batch = 3;
-    let mut t = trainer(&pool, batch);
+    let mut t = trainer(&pool, batch).with_micro_batch(micro).unwrap();
+    t.lm.set_dropout(dropout);
     t.step().unwrap(); // step 0: windows 0, 1, 2
     let step = t.state.step; // 1: windows 3, 4, 5
+    let passes = (batch / micro) as u64;
 
     // Reference: each window on its own, from the same parameters, then the mean.
     let mut mean: Option<Vec<Vec<f32>>> = None;
@@ -62,10 +77,9 @@ fn a_batch_step_averages_the_window_gradients() {
     for k in 0..batch as u64 {
         let index = step * batch as u64 + k;
         let window = t.data.train_window(3, index, SEQ).unwrap().to_vec();
+        let ctx = StepContext::train(step * passes + k / micro as u64);
         t.lm.zero_grad().unwrap();
-        loss_sum +=
-            t.lm.train_step_grads(&window, &StepContext::train(index))
-                .unwrap() as f64;
+        loss_sum += t.lm.train_step_grads(&window, &ctx).unwrap() as f64;
         let g = grads(&t);
         match &mut mean {
             None => mean = Some(g),
@@ -91,11 +105,11 @@ fn a_batch_step_averages_the_window_gradients() {
         "loss {} vs mean of windows {want_loss}",
         stats.loss
     );
-    // The step leaves the windows' summed gradient in the gradient buffers (the optimizer
-    // folds the mean's 1/batch into its update).
+    // The step leaves the passes' summed gradient in the gradient buffers (the optimizer
+    // folds the mean's 1/passes into its update).
     let got: Vec<Vec<f32>> = grads(&t)
         .into_iter()
-        .map(|g| g.into_iter().map(|v| v / batch as f32).collect())
+        .map(|g| g.into_iter().map(|v| v / passes as f32).collect())
         .collect();
     let (mut worst, mut norm) = (0.0f32, 0.0f32);
     for (g, m) in got.iter().zip(&mean) {
@@ -135,14 +149,17 @@ fn a_resumed_batch_run_continues_exactly() {
     let dir = std::env::temp_dir().join(format!("reformer-batch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("ck.safetensors");
-    let mut t = trainer(&pool, 4);
+    let mut t = trainer(&pool, 4).with_micro_batch(2).unwrap();
     t.step().unwrap();
     t.save(&path).unwrap();
+    assert!(trainer(&pool, 4).with_micro_batch(3).is_err());
     let ck = reformer::checkpoint::load(&path).unwrap();
     let data = TextData::from_bytes(Path::new("generated"), text(), 0.05, SEQ).unwrap();
     let mut resumed = Trainer::from_checkpoint(CpuBackend::new(&pool), &ck, data)
         .unwrap()
-        .with_batch(4);
+        .with_batch(4)
+        .with_micro_batch(2)
+        .unwrap();
     let (a, b) = (t.step().unwrap(), resumed.step().unwrap());
     assert_eq!(a.loss.to_bits(), b.loss.to_bits());
     assert_eq!(a.tokens, 4 * SEQ);

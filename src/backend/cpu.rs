@@ -21,7 +21,10 @@ use reformer_lsh::{
 use reformer_reversible::layer_norm::{backward_row_add, normalize_row, row_stats};
 use reformer_reversible::Dropout;
 
-use super::{check_act_dtype, AdamHp, AxialTables, Backend, HeadShape, Strided};
+use super::{
+    check_act_dtype, AdamHp, AttnCall, AxialTables, Backend, ExactForward, HeadShape, LocalForward,
+    LshForward, Strided,
+};
 use crate::error::{ReformerError, Result};
 use crate::optim::{AdamCoefficients, AdamConfig};
 
@@ -122,6 +125,7 @@ impl Backend for CpuBackend {
     type Buf = Tensor;
     type Act = Tensor;
     type LshSaved = LshSaved;
+    type Mask = Vec<bool>;
 
     fn describe(&self) -> String {
         "cpu (host backend)".into()
@@ -531,43 +535,47 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn key_mask(&self, lens: &[usize], heads: usize, len: usize) -> Result<Vec<bool>> {
+        Ok(key_mask_rows(lens, heads, len))
+    }
+
     fn lsh_forward(
         &self,
         qk: &Tensor,
         v: &Tensor,
-        shape: HeadShape,
         rot: &Rotations,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, LshSaved)> {
         let cfg = LshConfig {
-            chunk_len: chunk,
-            causal,
+            chunk_len: call.chunk,
+            causal: call.causal,
         };
-        let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
-        let (out, saved) = lsh_attention_forward(qk, v, rot, &cfg, None)?;
+        let (qk, v) = (shaped(qk, call.shape)?, shaped(v, call.shape)?);
+        let (out, saved) = lsh_attention_forward(qk, v, rot, &cfg, mask(call))?;
         Ok((self.store_out(out), saved))
     }
 
     fn lsh_backward(
         &self,
-        qk: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
+        fwd: LshForward<'_, Self>,
         d_out: &Tensor,
-        saved: &LshSaved,
-        shape: HeadShape,
         rot: &Rotations,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, Tensor)> {
         let cfg = LshConfig {
-            chunk_len: chunk,
-            causal,
+            chunk_len: call.chunk,
+            causal: call.causal,
         };
-        let [qk, v, out, d_out] = [qk, v, out, d_out].map(|t| shaped(t, shape));
+        let [qk, v, out, d_out] = [fwd.qk, fwd.v, fwd.out, d_out].map(|t| shaped(t, call.shape));
         Ok(lsh_attention_backward(
-            qk?, v?, out?, d_out?, saved, rot, &cfg, None,
+            qk?,
+            v?,
+            out?,
+            d_out?,
+            fwd.saved,
+            rot,
+            &cfg,
+            mask(call),
         )?)
     }
 
@@ -576,45 +584,38 @@ impl Backend for CpuBackend {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        shape: HeadShape,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, Tensor)> {
         let cfg = LocalConfig {
-            chunk_len: chunk,
-            causal,
+            chunk_len: call.chunk,
+            causal: call.causal,
         };
-        let [q, k, v] = [q, k, v].map(|t| shaped(t, shape));
-        let (out, lse) = local_attention_forward(q?, k?, v?, &cfg, None)?;
+        let [q, k, v] = [q, k, v].map(|t| shaped(t, call.shape));
+        let (out, lse) = local_attention_forward(q?, k?, v?, &cfg, mask(call))?;
         self.single_pass_out(out, &lse)
     }
 
     fn local_backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
+        fwd: LocalForward<'_, Self>,
         d_out: &Tensor,
-        shape: HeadShape,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = LocalConfig {
-            chunk_len: chunk,
-            causal,
+            chunk_len: call.chunk,
+            causal: call.causal,
         };
-        let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(|t| shaped(t, shape));
+        let [q, k, v, out, d_out] =
+            [fwd.q, fwd.k, fwd.v, fwd.out, d_out].map(|t| shaped(t, call.shape));
         Ok(local_attention_backward(
             q?,
             k?,
             v?,
             out?,
-            lse.data(),
+            fwd.lse.data(),
             d_out?,
             &cfg,
-            None,
+            mask(call),
         )?)
     }
 
@@ -622,26 +623,22 @@ impl Backend for CpuBackend {
         &self,
         qk: &Tensor,
         v: &Tensor,
-        shape: HeadShape,
-        causal: bool,
+        call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, Tensor)> {
-        let (qk, v) = (shaped(qk, shape)?, shaped(v, shape)?);
+        let (qk, v) = (shaped(qk, call.shape)?, shaped(v, call.shape)?);
         let k = unit_keys(qk)?;
-        let (out, lse) = exact_attention_forward(qk, &k, v, shared_qk_rule(causal), None)?;
+        let rule = shared_qk_rule(call.causal);
+        let (out, lse) = exact_attention_forward(qk, &k, v, rule, mask(call))?;
         self.single_pass_out(out, &lse)
     }
 
     fn exact_backward(
         &self,
-        qk: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        lse: &Tensor,
+        fwd: ExactForward<'_, Self>,
         d_out: &Tensor,
-        shape: HeadShape,
-        causal: bool,
+        call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, Tensor)> {
-        let [qk, v, out, d_out] = [qk, v, out, d_out].map(|t| shaped(t, shape));
+        let [qk, v, out, d_out] = [fwd.qk, fwd.v, fwd.out, d_out].map(|t| shaped(t, call.shape));
         let qk = qk?;
         let k = unit_keys(qk)?;
         let (d_q, d_k, d_v) = exact_attention_backward(
@@ -649,10 +646,10 @@ impl Backend for CpuBackend {
             &k,
             v?,
             out?,
-            lse.data(),
+            fwd.lse.data(),
             d_out?,
-            shared_qk_rule(causal),
-            None,
+            shared_qk_rule(call.causal),
+            mask(call),
         )?;
         Ok((shared_qk_grad(qk, d_q, &d_k), d_v))
     }
@@ -660,6 +657,19 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// The key mask of a batch's head-layout rows (see [`Backend::key_mask`]): `[lens.len() ·
+/// heads, len]`, true where a key is real. The plan counts no bytes for it: it lives outside
+/// the pool, like the rest of the CPU's host-side bookkeeping.
+pub fn key_mask_rows(lens: &[usize], heads: usize, len: usize) -> Vec<bool> {
+    lens.iter()
+        .flat_map(|&l| (0..heads).flat_map(move |_| (0..len).map(move |p| p < l)))
+        .collect()
+}
+
+fn mask<'a>(call: &AttnCall<'a, Vec<bool>>) -> Option<&'a [bool]> {
+    call.mask.map(|m| m.as_slice())
 }
 
 /// One row's cross-entropy `logsumexp(row) − row[target]`; the row becomes its gradient

@@ -16,7 +16,10 @@ use reformer_lsh::{Buckets, Rotations};
 use reformer_reversible::layer_norm::LN_EPS;
 use reformer_reversible::Dropout;
 
-use super::{check_act_dtype, AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
+use super::{
+    check_act_dtype, AdamHp, AttnCall, AxialTables, Backend, DType, ExactForward, HeadShape,
+    LocalForward, LshForward, Strided,
+};
 use crate::error::{ReformerError, Result};
 
 type Buf = DeviceBuffer<f32>;
@@ -157,6 +160,7 @@ impl Backend for CudaBackend {
     type Buf = Buf;
     type Act = ActBuf;
     type LshSaved = GpuLshSaved;
+    type Mask = DeviceBuffer<u8>;
 
     fn describe(&self) -> String {
         let i = self.ctx.info();
@@ -498,43 +502,43 @@ impl Backend for CudaBackend {
         )?)
     }
 
+    fn key_mask(&self, lens: &[usize], heads: usize, len: usize) -> Result<DeviceBuffer<u8>> {
+        Ok(self
+            .ctx
+            .upload_mask(&super::cpu::key_mask_rows(lens, heads, len))?)
+    }
+
     fn lsh_forward(
         &self,
         qk: &ActBuf,
         v: &ActBuf,
-        shape: HeadShape,
         rot: &Rotations,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, DeviceBuffer<u8>>,
     ) -> Result<(ActBuf, GpuLshSaved)> {
-        let cfg = lsh_config(rot, chunk, causal);
+        let cfg = lsh_config(rot, call.chunk, call.causal);
         let (out, saved) = with_acts!((qk, v) => lsh_attention_forward(
             &self.ctx,
             qk,
             v,
-            dims(shape),
+            dims(call.shape),
             &rot.data,
             &cfg,
-            None,
+            call.mask,
         )?);
         Ok((self.store_out(out)?, saved))
     }
 
     fn lsh_backward(
         &self,
-        qk: &ActBuf,
-        v: &ActBuf,
-        out: &ActBuf,
+        fwd: LshForward<'_, Self>,
         d_out: &ActBuf,
-        saved: &GpuLshSaved,
-        _shape: HeadShape,
         rot: &Rotations,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, DeviceBuffer<u8>>,
     ) -> Result<(Buf, Buf)> {
-        let cfg = lsh_config(rot, chunk, causal);
+        let cfg = lsh_config(rot, call.chunk, call.causal);
+        let LshForward { qk, v, out, saved } = fwd;
         Ok(with_acts!((qk, v, out, d_out) => lsh_attention_backward(
-            &self.ctx, qk, v, out, d_out, saved, &cfg, None,
+            &self.ctx, qk, v, out, d_out, saved, &cfg, call.mask,
         )?))
     }
 
@@ -543,38 +547,37 @@ impl Backend for CudaBackend {
         q: &ActBuf,
         kk: &ActBuf,
         v: &ActBuf,
-        shape: HeadShape,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, DeviceBuffer<u8>>,
     ) -> Result<(ActBuf, Buf)> {
         let cfg = GpuLocalConfig {
-            chunk_len: chunk,
-            causal,
+            chunk_len: call.chunk,
+            causal: call.causal,
         };
+        let d = dims(call.shape);
         // The kernel stores the output in the activations' dtype itself (no f32 copy).
         Ok(with_acts!((q, kk, v) => {
-            let (out, lse) =
-                local_attention_forward_as(&self.ctx, q, kk, v, dims(shape), &cfg, None)?;
+            let (out, lse) = local_attention_forward_as(&self.ctx, q, kk, v, d, &cfg, call.mask)?;
             (same_as(q, out), lse)
         }))
     }
 
     fn local_backward(
         &self,
-        q: &ActBuf,
-        kk: &ActBuf,
-        v: &ActBuf,
-        out: &ActBuf,
-        lse: &Buf,
+        fwd: LocalForward<'_, Self>,
         d_out: &ActBuf,
-        shape: HeadShape,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, DeviceBuffer<u8>>,
     ) -> Result<(Buf, Buf, Buf)> {
         let cfg = GpuLocalConfig {
-            chunk_len: chunk,
-            causal,
+            chunk_len: call.chunk,
+            causal: call.causal,
         };
+        let LocalForward {
+            q,
+            k: kk,
+            v,
+            out,
+            lse,
+        } = fwd;
         Ok(
             with_acts!((q, kk, v, out, d_out) => local_attention_backward(
             &self.ctx,
@@ -584,9 +587,9 @@ impl Backend for CudaBackend {
             out,
             lse,
             d_out,
-            dims(shape),
+            dims(call.shape),
             &cfg,
-            None,
+            call.mask,
         )?),
         )
     }
@@ -595,27 +598,24 @@ impl Backend for CudaBackend {
         &self,
         qk: &ActBuf,
         v: &ActBuf,
-        shape: HeadShape,
-        causal: bool,
+        call: &AttnCall<'_, DeviceBuffer<u8>>,
     ) -> Result<(ActBuf, Buf)> {
+        let d = dims(call.shape);
         // The kernel stores the output in the activations' dtype itself (no f32 copy).
         Ok(with_acts!((qk, v) => {
             let (out, lse) =
-                exact_shared_qk_forward_as(&self.ctx, qk, v, dims(shape), causal, None)?;
+                exact_shared_qk_forward_as(&self.ctx, qk, v, d, call.causal, call.mask)?;
             (same_as(qk, out), lse)
         }))
     }
 
     fn exact_backward(
         &self,
-        qk: &ActBuf,
-        v: &ActBuf,
-        out: &ActBuf,
-        lse: &Buf,
+        fwd: ExactForward<'_, Self>,
         d_out: &ActBuf,
-        shape: HeadShape,
-        causal: bool,
+        call: &AttnCall<'_, DeviceBuffer<u8>>,
     ) -> Result<(Buf, Buf)> {
+        let ExactForward { qk, v, out, lse } = fwd;
         Ok(with_acts!((qk, v, out, d_out) => exact_shared_qk_backward(
             &self.ctx,
             qk,
@@ -623,9 +623,9 @@ impl Backend for CudaBackend {
             out,
             lse,
             d_out,
-            dims(shape),
-            causal,
-            None,
+            dims(call.shape),
+            call.causal,
+            call.mask,
         )?))
     }
 

@@ -93,6 +93,42 @@ pub struct AdamHp {
     pub clip: f32,
 }
 
+/// What every attention call of a head group shares: the head layout (`heads` folds the
+/// batch in: head-row `s·heads_per_group + j`), the chunk length (local and LSH), causality and
+/// the key mask of padded sequences (`None`: every key is real).
+#[derive(Debug)]
+pub struct AttnCall<'a, M> {
+    pub shape: HeadShape,
+    pub chunk: usize,
+    pub causal: bool,
+    pub mask: Option<&'a M>,
+}
+
+/// An LSH forward's inputs, output and saved state, as its backward reads them.
+pub struct LshForward<'a, B: Backend + ?Sized> {
+    pub qk: &'a B::Act,
+    pub v: &'a B::Act,
+    pub out: &'a B::Act,
+    pub saved: &'a B::LshSaved,
+}
+
+/// A local forward's inputs, output and logsumexps.
+pub struct LocalForward<'a, B: Backend + ?Sized> {
+    pub q: &'a B::Act,
+    pub k: &'a B::Act,
+    pub v: &'a B::Act,
+    pub out: &'a B::Act,
+    pub lse: &'a B::Buf,
+}
+
+/// An exact forward's inputs, output and logsumexps.
+pub struct ExactForward<'a, B: Backend + ?Sized> {
+    pub qk: &'a B::Act,
+    pub v: &'a B::Act,
+    pub out: &'a B::Act,
+    pub lse: &'a B::Buf,
+}
+
 /// The device operations the model is written against.
 pub trait Backend {
     /// A flat `f32` buffer on the device.
@@ -101,6 +137,8 @@ pub trait Backend {
     type Act;
     /// What the LSH forward keeps for its backward (buckets and per-round logsumexps).
     type LshSaved;
+    /// Which keys are real (see [`Backend::key_mask`]).
+    type Mask;
 
     /// One line naming the device.
     fn describe(&self) -> String;
@@ -288,6 +326,11 @@ pub trait Backend {
         hp: &AdamHp,
     ) -> Result<()>;
 
+    /// Which keys of a batch's head-layout rows are real: head-row `s·heads + j` (head `j` of
+    /// sequence `s`) has its positions `p < lens[s]` valid, the rest padding, over `len`
+    /// positions. The attention ops exclude padded keys (and sort them last in LSH).
+    fn key_mask(&self, lens: &[usize], heads: usize, len: usize) -> Result<Self::Mask>;
+
     /// Shared-QK LSH attention on head-layout `qk`, `v`: `(out, saved)`. The attention ops'
     /// outputs are activations (rounded once, at the end, when stored in bf16); their
     /// gradients are f32.
@@ -295,69 +338,45 @@ pub trait Backend {
         &self,
         qk: &Self::Act,
         v: &Self::Act,
-        shape: HeadShape,
         rot: &Rotations,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, Self::Mask>,
     ) -> Result<(Self::Act, Self::LshSaved)>;
-    /// `(d_qk, d_v)`.
-    #[allow(clippy::too_many_arguments)]
+    /// `(d_qk, d_v)` from the forward's inputs, output and `saved`.
     fn lsh_backward(
         &self,
-        qk: &Self::Act,
-        v: &Self::Act,
-        out: &Self::Act,
+        fwd: LshForward<'_, Self>,
         d_out: &Self::Act,
-        saved: &Self::LshSaved,
-        shape: HeadShape,
         rot: &Rotations,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, Self::Mask>,
     ) -> Result<(Self::Buf, Self::Buf)>;
     /// Chunked local attention: `(out, lse)`.
-    #[allow(clippy::too_many_arguments)]
     fn local_forward(
         &self,
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
-        shape: HeadShape,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, Self::Mask>,
     ) -> Result<(Self::Act, Self::Buf)>;
     /// `(d_q, d_k, d_v)`.
-    #[allow(clippy::too_many_arguments)]
     fn local_backward(
         &self,
-        q: &Self::Act,
-        k: &Self::Act,
-        v: &Self::Act,
-        out: &Self::Act,
-        lse: &Self::Buf,
+        fwd: LocalForward<'_, Self>,
         d_out: &Self::Act,
-        shape: HeadShape,
-        chunk: usize,
-        causal: bool,
+        call: &AttnCall<'_, Self::Mask>,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
     /// Exact shared-QK attention (unit keys, self penalty): `(out, lse)`.
     fn exact_forward(
         &self,
         qk: &Self::Act,
         v: &Self::Act,
-        shape: HeadShape,
-        causal: bool,
+        call: &AttnCall<'_, Self::Mask>,
     ) -> Result<(Self::Act, Self::Buf)>;
     /// `(d_qk, d_v)`.
-    #[allow(clippy::too_many_arguments)]
     fn exact_backward(
         &self,
-        qk: &Self::Act,
-        v: &Self::Act,
-        out: &Self::Act,
-        lse: &Self::Buf,
+        fwd: ExactForward<'_, Self>,
         d_out: &Self::Act,
-        shape: HeadShape,
-        causal: bool,
+        call: &AttnCall<'_, Self::Mask>,
     ) -> Result<(Self::Buf, Self::Buf)>;
 
     /// Names the phase of the step the next allocations belong to (the dry-run planner

@@ -40,7 +40,10 @@ use reformer_lsh::exact_attention::EXACT_BLOCK;
 use reformer_lsh::Rotations;
 use reformer_reversible::Dropout;
 
-use super::{check_act_dtype, AdamHp, AxialTables, Backend, DType, HeadShape, Strided};
+use super::{
+    check_act_dtype, AdamHp, AttnCall, AxialTables, Backend, DType, ExactForward, HeadShape,
+    LocalForward, LshForward, Strided,
+};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::ReformerLm;
@@ -234,6 +237,16 @@ impl PlanBackend {
         perm
     }
 
+    /// `lsh_sort`: with a key mask, the masked keys first (a new key buffer), then the sort
+    /// over one more key value.
+    fn lsh_sort(&self, segs: usize, len: usize, n_buckets: usize, masked: bool) -> PlanBuf {
+        if !masked {
+            return self.sort(segs, len, n_buckets);
+        }
+        let _keys = self.u32s(format!("masked keys [{segs}, {len}] u32"), segs * len);
+        self.sort(segs, len, n_buckets + 1)
+    }
+
     fn heads(&self, what: &str, s: HeadShape) -> PlanBuf {
         self.f32s(
             format!("{what} [{}, {}, {}]", s.heads, s.len, s.d),
@@ -404,6 +417,7 @@ impl Backend for PlanBackend {
     type Buf = PlanBuf;
     type Act = PlanBuf;
     type LshSaved = PlanLshSaved;
+    type Mask = PlanBuf;
 
     fn describe(&self) -> String {
         match self.target {
@@ -674,15 +688,27 @@ impl Backend for PlanBackend {
         Ok(())
     }
 
+    fn key_mask(&self, lens: &[usize], heads: usize, len: usize) -> Result<PlanBuf> {
+        // Host memory on the CPU; an uploaded byte per key on the GPU.
+        let bytes = match self.target {
+            PlanTarget::Cuda => 1,
+            PlanTarget::Cpu { .. } => 0,
+        };
+        Ok(self.token(
+            format!("key mask [{}, {len}] u8", lens.len() * heads),
+            lens.len() * heads * len,
+            bytes,
+        ))
+    }
+
     fn lsh_forward(
         &self,
         _qk: &PlanBuf,
         _v: &PlanBuf,
-        s: HeadShape,
         rot: &Rotations,
-        chunk: usize,
-        _causal: bool,
+        call: &AttnCall<'_, PlanBuf>,
     ) -> Result<(PlanBuf, PlanLshSaved)> {
+        let (s, chunk) = (call.shape, call.chunk);
         if let PlanTarget::Cpu { threads } = self.target {
             // `CpuBackend::store_out` rounds the output in place.
             return Ok(self.cpu_lsh_forward(s, rot, chunk, threads));
@@ -696,7 +722,7 @@ impl Backend for PlanBackend {
                 per_round,
             )
         };
-        let perm = self.sort(s.heads * r, s.len, n_buckets);
+        let perm = self.lsh_sort(s.heads * r, s.len, n_buckets, call.mask.is_some());
         let out = self.heads("attention out", s);
         let lse = self.f32s(
             format!("logsumexps [{}, {r}, {}]", s.heads, s.len),
@@ -716,21 +742,18 @@ impl Backend for PlanBackend {
 
     fn lsh_backward(
         &self,
-        _qk: &PlanBuf,
-        _v: &PlanBuf,
-        _out: &PlanBuf,
+        fwd: LshForward<'_, Self>,
         _d_out: &PlanBuf,
-        saved: &PlanLshSaved,
-        s: HeadShape,
         _rot: &Rotations,
-        chunk: usize,
-        _causal: bool,
+        call: &AttnCall<'_, PlanBuf>,
     ) -> Result<(PlanBuf, PlanBuf)> {
+        let (s, chunk, saved) = (call.shape, call.chunk, fwd.saved);
         if let PlanTarget::Cpu { threads } = self.target {
             return Ok(self.cpu_lsh_backward(s, saved, chunk, threads));
         }
         let _delta = self.f32s("delta", s.heads * s.len);
-        let _perm = self.sort(s.heads * saved.rounds, s.len, saved.n_buckets);
+        let masked = call.mask.is_some();
+        let _perm = self.lsh_sort(s.heads * saved.rounds, s.len, saved.n_buckets, masked);
         let d_qk = self.heads("d_qk", s);
         let d_v = self.heads("d_v", s);
         Ok((d_qk, d_v))
@@ -741,10 +764,9 @@ impl Backend for PlanBackend {
         _q: &PlanBuf,
         _k: &PlanBuf,
         _v: &PlanBuf,
-        s: HeadShape,
-        chunk: usize,
-        _causal: bool,
+        call: &AttnCall<'_, PlanBuf>,
     ) -> Result<(PlanBuf, PlanBuf)> {
+        let (s, chunk) = (call.shape, call.chunk);
         if let PlanTarget::Cpu { threads } = self.target {
             let (out, lse) = self.cpu_banded_forward(s, chunk, threads);
             return Ok(self.cpu_single_pass_out(out, lse, s));
@@ -754,16 +776,11 @@ impl Backend for PlanBackend {
 
     fn local_backward(
         &self,
-        _q: &PlanBuf,
-        _k: &PlanBuf,
-        _v: &PlanBuf,
-        _out: &PlanBuf,
-        _lse: &PlanBuf,
+        _fwd: LocalForward<'_, Self>,
         _d_out: &PlanBuf,
-        s: HeadShape,
-        chunk: usize,
-        _causal: bool,
+        call: &AttnCall<'_, PlanBuf>,
     ) -> Result<(PlanBuf, PlanBuf, PlanBuf)> {
+        let (s, chunk) = (call.shape, call.chunk);
         if let PlanTarget::Cpu { threads } = self.target {
             let [d_q, d_k, d_v] = self.cpu_banded_backward(s, chunk, threads);
             return Ok((d_q, d_k, d_v));
@@ -780,9 +797,9 @@ impl Backend for PlanBackend {
         &self,
         _qk: &PlanBuf,
         _v: &PlanBuf,
-        s: HeadShape,
-        _causal: bool,
+        call: &AttnCall<'_, PlanBuf>,
     ) -> Result<(PlanBuf, PlanBuf)> {
+        let s = call.shape;
         if let PlanTarget::Cpu { threads } = self.target {
             // `unit_keys`, live through the attention and the logsumexp copy.
             let k = self.heads("unit keys", s);
@@ -796,14 +813,11 @@ impl Backend for PlanBackend {
 
     fn exact_backward(
         &self,
-        _qk: &PlanBuf,
-        _v: &PlanBuf,
-        _out: &PlanBuf,
-        _lse: &PlanBuf,
+        _fwd: ExactForward<'_, Self>,
         _d_out: &PlanBuf,
-        s: HeadShape,
-        _causal: bool,
+        call: &AttnCall<'_, PlanBuf>,
     ) -> Result<(PlanBuf, PlanBuf)> {
+        let s = call.shape;
         if let PlanTarget::Cpu { threads } = self.target {
             // Unit keys again; `shared_qk_grad` folds `d_k` into `d_q` in place.
             let k = self.heads("unit keys", s);
