@@ -6,8 +6,8 @@
 #      a run that never said it used the GPU, a peak off its plan), the failed-test reruns and
 #      the --fmad=false hint for the bit-for-bit tests, the exit status, and the packing (at
 #      most 4 files, named as documented).
-#   2. The real dry run: the debug builds `cargo test --workspace` already made, staged with
-#      `scripts/stage-gpu.sh --profile dev` (no second build), then `gpu-proof.sh --dry-run`:
+#   2. The real dry run: the builds `cargo test --workspace` already made, staged with
+#      `scripts/stage-gpu.sh --profile test` (no second build), then `gpu-proof.sh --dry-run`:
 #      every GPU check must report no-gpu, within 2 minutes.
 # Usage: .ci/gpu-proof-check.sh [stubs|dry-run] (default: both)
 set -euo pipefail
@@ -37,7 +37,8 @@ check_outputs() {  # at most 4 files, the documented ones, none over 16 MiB
         [[ -f "$dir/$f" ]] || fail "$dir/$f missing"
         (( $(stat -c %s "$dir/$f") < 16 * 1024 * 1024 )) || fail "$dir/$f is over 16 MiB"
     done
-    tar -tzf "$dir/gpu-proof.tar.gz" | grep -q 'runs.jsonl' || fail "runs.jsonl not packed"
+    tar -tzf "$dir/gpu-proof.tar.gz" > "$tmp/listing" || fail "$dir/gpu-proof.tar.gz is not a tarball"
+    grep -q 'runs.jsonl' "$tmp/listing" || fail "runs.jsonl not packed"
 }
 
 # ----- 1. a fake GPU ------------------------------------------------------------------------
@@ -202,8 +203,8 @@ run_stubs() {
 # ----- 2. the real dry run --------------------------------------------------------------------
 run_dry() {
     local t0 t1 rc=0
-    bash scripts/stage-gpu.sh --profile dev --out "$tmp/stage" > "$tmp/stage.log" 2>&1 \
-        || { tail -n 30 "$tmp/stage.log"; fail "staging the dev builds"; }
+    bash scripts/stage-gpu.sh --profile test --out "$tmp/stage" > "$tmp/stage.log" 2>&1 \
+        || { tail -n 30 "$tmp/stage.log"; fail "staging the test-profile builds"; }
     grep -q '^glibc_required: [0-9]' "$tmp/stage/manifest.txt" || fail "no glibc_required in the manifest"
     t0="$(date +%s)"
     bash scripts/gpu-proof.sh --dry-run --stage "$tmp/stage" --out "$tmp/dry" > "$tmp/dry.log" 2>&1 || rc=$?
@@ -216,7 +217,7 @@ run_dry() {
     expect_status "$tmp/dry/summary.json" parity-model no-gpu
     expect_status "$tmp/dry/summary.json" wide20-2e19 no-gpu
     expect_status "$tmp/dry/summary.json" attn no-gpu
-    echo "gpu-proof-check: dry run with the staged dev builds: every GPU check no-gpu, ok in $((t1 - t0)) s"
+    echo "gpu-proof-check: dry run with the staged test-profile builds: every GPU check no-gpu, ok in $((t1 - t0)) s"
 }
 
 case "$what" in

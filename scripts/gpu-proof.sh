@@ -76,25 +76,25 @@ examples/bench_attention     reformer          example  bench_attention
 #    command  words; @S@ the stage folder, @O@ this check's output folder, @O:ID@ another
 #             check's, @PY@ python; "[ ... ]" is kept only when its last word is an existing file
 CHECKS='
-env          | env        | run  |  90 |  25 | ^gpu-env: using CUDA device        | @S@/tests/gpu_env --test-threads=1 --nocapture
-parity-model | test       | run  | 240 | 120 | ^using CUDA device                 | env CUDA_LAUNCH_BLOCKING=1 @S@/tests/gpu_parity_model --test-threads=1
-parity-attn  | test       | run  | 150 |  60 | ^using CUDA device                 | env CUDA_LAUNCH_BLOCKING=1 @S@/tests/gpu_parity_attention --test-threads=1
-wide20-2e19  | long       | skip | 240 |  90 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 524288 --mem-budget @BW@ --steps 2 --infer 1 @TF32@ --json @O@/long_context.json
-deep20-2e19  | long       | skip | 150 |  45 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset deep20 --len 524288 --mem-budget @BD@ --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
-torch-attn   | torch-attn | run  | 120 |  40 | ^torch .* on NVIDIA                | @PY@ scripts/bench_torch_attention.py --device cuda --min-log2 16 --max-log2 19 --budget 40 --out @O@
-attn         | attn       | run  | 240 | 120 | kernels compiled and loaded        | @S@/examples/bench_attention --device cuda --min-log2 16 --max-log2 19 --rounds 1,2 --exact-budget 90 [ --also @O:torch-attn@/attention.json ] --out @O@
-torch-step   | torch-step | run  | 150 |  60 | ^torch .* on NVIDIA                | @PY@ scripts/bench_torch_step.py --device cuda --presets cp6,wide20 --lens 14,16 --steps 3 --warmup 1 --budget 40 --deadline 90 --out @O@/torch_step.json
-cp6-2e14     | long       | skip |  90 |  20 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset cp6 --len 16384 --mem-budget @BW@ --steps 3 --infer 0 @TF32@ --json @O@/long_context.json
-cp6-2e16     | long       | skip |  90 |  20 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset cp6 --len 65536 --mem-budget @BW@ --steps 3 --infer 0 @TF32@ --json @O@/long_context.json
-wide20-2e14  | long       | skip |  90 |  25 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 16384 --mem-budget @BW@ --steps 3 --infer 0 @TF32@ --json @O@/long_context.json
-wide20-2e16  | long       | skip | 120 |  35 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 65536 --mem-budget @BW@ --steps 3 --infer 0 @TF32@ --json @O@/long_context.json
-parity-ops   | test       | run  | 150 |  40 | ^using CUDA device                 | env CUDA_LAUNCH_BLOCKING=1 @S@/tests/gpu_parity_ops --test-threads=1
-parity-rows  | test       | run  | 120 |  30 | ^using CUDA device                 | env CUDA_LAUNCH_BLOCKING=1 @S@/tests/gpu_parity_rows --test-threads=1
-wide20-2e19-bf16 | long   | skip | 200 |  70 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 524288 --mem-budget @BW@ --dtype bf16 --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
-attn-bf16    | attn       | run  | 240 | 120 | kernels compiled and loaded        | @S@/examples/bench_attention --device cuda --dtype bf16 --min-log2 16 --max-log2 19 --rounds 1,2 --exact-budget 90 [ --also @O:torch-attn@/attention.json ] [ --also @O:attn@/attention.json ] --out @O@
-wide20-2e15  | long       | skip |  90 |  30 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 32768 --mem-budget @BW@ --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
-wide20-2e17  | long       | skip | 150 |  40 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 131072 --mem-budget @BW@ --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
-wide20-2e18  | long       | skip | 200 |  60 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 262144 --mem-budget @BW@ --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
+env          | env        | run  |  60 |  15 | ^gpu-env: using CUDA device        | @S@/tests/gpu_env --test-threads=1 --nocapture
+parity-model | test       | run  | 150 |  45 | ^using CUDA device                 | env CUDA_LAUNCH_BLOCKING=1 @S@/tests/gpu_parity_model --test-threads=1
+parity-attn  | test       | run  |  90 |  25 | ^using CUDA device                 | env CUDA_LAUNCH_BLOCKING=1 @S@/tests/gpu_parity_attention --test-threads=1
+wide20-2e19  | long       | skip | 180 |  60 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 524288 --mem-budget @BW@ --steps 2 --infer 1 @TF32@ --json @O@/long_context.json
+deep20-2e19  | long       | skip |  90 |  25 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset deep20 --len 524288 --mem-budget @BD@ --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
+torch-attn   | torch-attn | run  |  90 |  30 | ^torch .* on NVIDIA                | @PY@ scripts/bench_torch_attention.py --device cuda --min-log2 16 --max-log2 19 --budget 40 --out @O@
+attn         | attn       | run  | 200 | 100 | kernels compiled and loaded        | @S@/examples/bench_attention --device cuda --min-log2 16 --max-log2 19 --rounds 1,2 --exact-budget 90 [ --also @O:torch-attn@/attention.json ] --out @O@
+torch-step   | torch-step | run  | 120 |  40 | ^torch .* on NVIDIA                | @PY@ scripts/bench_torch_step.py --device cuda --presets cp6,wide20 --lens 14,16 --steps 3 --warmup 1 --budget 40 --deadline 90 --out @O@/torch_step.json
+cp6-2e14     | long       | skip |  60 |  12 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset cp6 --len 16384 --mem-budget @BW@ --steps 3 --infer 0 @TF32@ --json @O@/long_context.json
+cp6-2e16     | long       | skip |  60 |  12 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset cp6 --len 65536 --mem-budget @BW@ --steps 3 --infer 0 @TF32@ --json @O@/long_context.json
+wide20-2e14  | long       | skip |  60 |  15 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 16384 --mem-budget @BW@ --steps 3 --infer 0 @TF32@ --json @O@/long_context.json
+wide20-2e16  | long       | skip |  90 |  20 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 65536 --mem-budget @BW@ --steps 3 --infer 0 @TF32@ --json @O@/long_context.json
+parity-ops   | test       | run  |  90 |  30 | ^using CUDA device                 | env CUDA_LAUNCH_BLOCKING=1 @S@/tests/gpu_parity_ops --test-threads=1
+parity-rows  | test       | run  |  60 |  20 | ^using CUDA device                 | env CUDA_LAUNCH_BLOCKING=1 @S@/tests/gpu_parity_rows --test-threads=1
+wide20-2e19-bf16 | long   | skip | 150 |  45 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 524288 --mem-budget @BW@ --dtype bf16 --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
+attn-bf16    | attn       | run  | 200 | 100 | kernels compiled and loaded        | @S@/examples/bench_attention --device cuda --dtype bf16 --min-log2 16 --max-log2 19 --rounds 1,2 --exact-budget 90 [ --also @O:torch-attn@/attention.json ] [ --also @O:attn@/attention.json ] --out @O@
+wide20-2e15  | long       | skip |  60 |  15 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 32768 --mem-budget @BW@ --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
+wide20-2e17  | long       | skip |  90 |  30 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 131072 --mem-budget @BW@ --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
+wide20-2e18  | long       | skip | 120 |  40 | ^using CUDA device                 | @S@/examples/long_context --device cuda --preset wide20 --len 262144 --mem-budget @BW@ --steps 2 --infer 0 @TF32@ --json @O@/long_context.json
 '
 # Libtest names of the attention tests that compare f32 and bf16 stores bit for bit: they rely
 # on identical FMA contraction across the flags, so a failure is rerun with --fmad=false first.
@@ -116,6 +116,10 @@ trim() { local s="$1"; s="${s#"${s%%[![:space:]]*}"}"; printf '%s' "${s%"${s##*[
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --deadline|--only|--skip|--stage|--out|--time-scale)
+            [[ $# -ge 2 ]] || { echo "gpu-proof: $1 needs a value" >&2; exit 2; } ;;
+    esac
+    case "$1" in
         --dry-run) dry_run=1 ;;
         --deadline) deadline="$2"; shift ;;
         --only) only="$2"; shift ;;
@@ -127,15 +131,20 @@ while [[ $# -gt 0 ]]; do
             while read -r line; do [[ -n "$line" ]] && echo "$line"; done <<< "$STAGED"
             exit 0 ;;
         --list)
-            printf '%-13s %-11s %8s %9s  %s\n' check kind timeout expected command
+            # The plan, with the estimates: which checks fit before the deadline if every
+            # check takes its expected time.
+            printf '%-17s %-10s %7s %8s %6s  %-8s %s\n' check kind timeout expected ends plan command
             total=0
             while IFS='|' read -r id kind _nogpu tmo exp _marker cmd; do
                 id="$(trim "$id")"; [[ -n "$id" ]] || continue
-                printf '%-13s %-11s %7ss %8ss  %s\n' "$id" "$(trim "$kind")" "$(trim "$tmo")" \
-                    "$(trim "$exp")" "$(trim "$cmd")"
-                total=$((total + $(trim "$exp")))
+                exp="$(trim "$exp")"
+                if (( total + exp <= deadline )); then total=$((total + exp)); fits=runs
+                else fits=skipped; fi
+                printf '%-17s %-10s %6ss %7ss %5ss  %-8s %s\n' "$id" "$(trim "$kind")" \
+                    "$(trim "$tmo")" "$exp" "$([[ $fits == runs ]] && echo "$total" || echo -)" \
+                    "$fits" "$(trim "$cmd")"
             done <<< "$CHECKS"
-            echo "expected in all: ${total} s (estimates for the H200); deadline ${deadline} s"
+            echo "with every check at its expected time (H200 estimates), the runs end at ${total} s; deadline ${deadline} s"
             exit 0 ;;
         -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu-proof: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -171,7 +180,7 @@ if [[ $dry_run == 1 ]]; then
     export CUDA_VISIBLE_DEVICES=""   # never touch a GPU in a dry run, even where there is one
 elif [[ "${GPU_PROOF_ASSUME_GPU:-0}" == 1 ]]; then
     gpu_present=1
-elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+elif command -v nvidia-smi >/dev/null 2>&1 && [[ "$(nvidia-smi -L 2>/dev/null)" == *"GPU "* ]]; then
     gpu_present=1
 elif [[ -e /dev/nvidia0 ]]; then
     gpu_present=1
@@ -330,6 +339,8 @@ warn_pre() { preflight_note="${preflight_note:+$preflight_note; }$1"; }
 missing_staged=()
 while read -r path _pkg _kind _name; do
     [[ -n "$path" ]] || continue
+    # A copy that lost its mode bits on the way is still the binary.
+    [[ -f "$stage/$path" && ! -x "$stage/$path" ]] && chmod +x "$stage/$path" 2>/dev/null
     [[ -x "$stage/$path" ]] || missing_staged+=("$path")
 done <<< "$STAGED"
 (( ${#missing_staged[@]} == 0 )) || fail_pre "not staged: ${missing_staged[*]} (run scripts/stage-gpu.sh and carry stage/)"
@@ -405,9 +416,13 @@ run_check() {
         record "$id" "$kind" no-gpu -1 0 "$exp" "$tmo" "$shown" "no GPU on this machine: not run"
         return
     fi
-    if [[ ! -x "${cmd[0]}" && "${cmd[0]}" != env ]] && ! command -v "${cmd[0]}" >/dev/null 2>&1; then
-        say "===== $id: not staged (${cmd[0]})"
-        record "$id" "$kind" not-staged -1 0 "$exp" "$tmo" "$shown" "missing ${cmd[0]}"
+    local prog="${cmd[0]}" w
+    if [[ "$prog" == env ]]; then
+        for w in "${cmd[@]:1}"; do [[ "$w" == *=* ]] || { prog="$w"; break; }; done
+    fi
+    if [[ ! -x "$prog" ]] && ! command -v "$prog" >/dev/null 2>&1; then
+        say "===== $id: not staged ($prog)"
+        record "$id" "$kind" not-staged -1 0 "$exp" "$tmo" "$shown" "missing $prog"
         return
     fi
     limit=$tmo

@@ -4,10 +4,11 @@
 # what could break there before it costs device time. Carry stage/ along with the tree
 # (it is in .gitignore: device call `carry: ["stage"]`) and run `bash scripts/gpu-proof.sh`.
 #
-# Usage: scripts/stage-gpu.sh [--out DIR] [--profile release|dev]
+# Usage: scripts/stage-gpu.sh [--out DIR] [--profile release|test]
 #   --out      the stage folder (default <repo>/stage; rebuilt from scratch)
-#   --profile  release (default), or dev: stage the debug builds `cargo test --workspace`
-#              already made (CI's dry run: no second build)
+#   --profile  release (default), or test: stage the builds `cargo test --workspace` already
+#              made (its test binaries, and its examples, which it builds with the test
+#              profile: CI's dry run, no second build)
 #
 # What is staged is THE TABLE at the top of scripts/gpu-proof.sh (`gpu-proof.sh --list-staged`):
 # one line per binary, its stage path, cargo package, target kind and name. Also written:
@@ -40,9 +41,9 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 case "$profile" in
-    release) cargo_profile=(--release) ;;
-    dev) cargo_profile=() ;;
-    *) echo "stage-gpu: --profile release or dev, not '$profile'" >&2; exit 2 ;;
+    release) test_profile=(--release); build_profile=(--release) ;;
+    test) test_profile=(); build_profile=(--profile test) ;;
+    *) echo "stage-gpu: --profile release or test, not '$profile'" >&2; exit 2 ;;
 esac
 
 log() { echo "stage-gpu: $*" >&2; }
@@ -89,13 +90,13 @@ for pkg in $packages; do
     done <<< "$table"
     # The JSON goes to a file first, so that a build failure stops the script.
     if (( ${#tests[@]} > 0 )); then
-        log "cargo test ${cargo_profile[*]} --no-run -p $pkg ${tests[*]}"
-        cargo test "${cargo_profile[@]}" --no-run --message-format=json-render-diagnostics \
+        log "cargo test ${test_profile[*]} --no-run -p $pkg ${tests[*]}"
+        cargo test "${test_profile[@]}" --no-run --message-format=json-render-diagnostics \
             -p "$pkg" "${tests[@]}" >> "$messages"
     fi
     if (( ${#examples[@]} > 0 )); then
-        log "cargo build ${cargo_profile[*]} -p $pkg ${examples[*]}"
-        cargo build "${cargo_profile[@]}" --message-format=json-render-diagnostics \
+        log "cargo build ${build_profile[*]} -p $pkg ${examples[*]}"
+        cargo build "${build_profile[@]}" --message-format=json-render-diagnostics \
             -p "$pkg" "${examples[@]}" >> "$messages"
     fi
 done

@@ -352,16 +352,36 @@ pub fn compile(family: KernelFamily, arch: &str) -> Result<Arc<CompiledFamily>, 
     ))
 }
 
-/// Compiles every family for `arch`; returns (family name, PTX length, CUBIN length) per
-/// family (CUBIN length 0 for a virtual architecture). Every family is tried; all failures are
-/// reported together, each with its NVRTC log.
+/// Compiles every family for `arch`, one thread per family (NVRTC compiles separate programs
+/// concurrently); returns (family name, PTX length, CUBIN length) per family, in
+/// [`KernelFamily::ALL`] order (CUBIN length 0 for a virtual architecture). Every family is
+/// tried; all failures are reported together, each with its NVRTC log.
 pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, usize, usize)>, KernelsError> {
     validate_arch(arch)?;
+    // NVRTC is loaded (once, for the process) before the threads start.
     libs::ensure(Library::Nvrtc)?;
+    let results: Vec<Result<Arc<CompiledFamily>, KernelsError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = KernelFamily::ALL
+            .iter()
+            .map(|&family| scope.spawn(move || compile(family, arch)))
+            .collect();
+        handles
+            .into_iter()
+            .zip(KernelFamily::ALL)
+            .map(|(h, family)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(KernelsError::Nvrtc(format!(
+                        "{}.cu for {arch}: the compiling thread panicked",
+                        family.name()
+                    )))
+                })
+            })
+            .collect()
+    });
     let mut done = Vec::new();
     let mut failed = Vec::new();
-    for family in KernelFamily::ALL {
-        match compile(family, arch) {
+    for (family, result) in KernelFamily::ALL.into_iter().zip(results) {
+        match result {
             Ok(c) => done.push((
                 family.name(),
                 c.ptx.len(),
