@@ -279,7 +279,7 @@ cat > "$work/environment.json" <<EOF
  "commit": "$(json_escape "$commit")", "staged_commit": "$(json_escape "$staged_commit")",
  "libcuda_dir": "$(json_escape "$libcuda_dir")", "nvrtc_dir": "$(json_escape "$nvrtc_dir")", "cublas_dir": "$(json_escape "$cublas_dir")",
  "torch": "$(json_escape "$torch_version")", "glibc": "$(json_escape "$glibc_here")", "glibc_required": "$(json_escape "$glibc_needed")",
- "gpu_present": $gpu_present, "dry_run": $dry_run, "deadline_s": $deadline, "time_scale": $time_scale,
+ "gpu_present": $gpu_present, "dry_run": $dry_run, "deadline_s": $deadline, "time_scale": "$time_scale",
  "started": "$(date -u -d "@$start_epoch" +%Y-%m-%dT%H:%M:%SZ)"}
 EOF
 
@@ -321,7 +321,17 @@ pack() {
         tar -C "$work" --exclude=kernel-cache --exclude=gpu-proof.log --exclude='*.txt' \
             -czf "$out_dir/gpu-proof.tar.gz" . 2>>"$log_file"
     fi
-    cp "$log_file" "$out_dir/gpu-proof.log"
+    copy_log
+}
+# The whole log into the results; over 12 MiB, its first and last 6 MiB (a file over 16 MiB
+# would not come back).
+copy_log() {
+    if (( $(stat -c %s "$log_file") > 12 * 1024 * 1024 )); then
+        { head -c $((6 * 1024 * 1024)) "$log_file"; printf '\n[... cut by gpu-proof ...]\n'
+          tail -c $((6 * 1024 * 1024)) "$log_file"; } > "$out_dir/gpu-proof.log"
+    else
+        cp "$log_file" "$out_dir/gpu-proof.log"
+    fi
 }
 # shellcheck disable=SC2317  # called by the trap
 on_signal() {
@@ -538,6 +548,6 @@ if [[ $dry_run == 1 ]]; then
     status=$?
     say "dry run: $([[ $status == 0 ]] && echo 'the plumbing works' || echo 'BROKEN') (every GPU check must report no-gpu)"
 fi
-cp "$log_file" "$out_dir/gpu-proof.log"
+copy_log
 rm -rf "$work"
 exit "$status"
