@@ -17,7 +17,8 @@ pub enum KernelsError {
     #[error(
         "the NVIDIA driver supports CUDA {driver}, older than the NVRTC that compiles the kernels \
          (CUDA {nvrtc}): update the driver, or put an NVRTC no newer than the driver first on \
-         LD_LIBRARY_PATH"
+         LD_LIBRARY_PATH (PTX needs major and minor no newer; the default CUBIN images only the \
+         same major: unset REFORMER_KERNEL_IMAGE=ptx)"
     )]
     DriverTooOld { driver: String, nvrtc: String },
     #[error(

@@ -3,8 +3,8 @@
 //! with an error that says what is missing.
 //!
 //! - [`probe`]: is there a usable GPU (driver, NVRTC, device, context)?
-//! - [`compile`] / [`compile_all`]: NVRTC compilation of the kernel families to PTX, cached per
-//!   (family, architecture).
+//! - [`compile`] / [`compile_all`]: NVRTC compilation of the kernel families to PTX and CUBIN
+//!   (what the driver loads), cached per (family, architecture).
 //! - [`sources`]: the `.cu` files and the kernel names launch wrappers look up.
 //! - [`geometry`]: the launch geometry the kernels are written for.
 //! - [`gpu`]: the host side of the CUDA backend — device context, counted device memory, safe
@@ -19,9 +19,12 @@ pub mod libs;
 pub mod probe;
 pub mod sources;
 
-pub use compile::{compile, compile_all, compile_source, CompiledFamily};
+pub use compile::{
+    compile, compile_all, compile_source, compile_source_images, image_kind, CompiledFamily,
+    ImageKind,
+};
 pub use error::KernelsError;
 pub use gpu::{DeviceBuffer, GpuContext};
-pub use libs::nvrtc_version;
+pub use libs::{cublas_version, loaded_path, nvrtc_version, Library};
 pub use probe::{probe, GpuInfo};
 pub use sources::{names, KernelFamily};

@@ -81,8 +81,9 @@ impl Library {
         .map_err(|e| KernelsError::MissingLibrary(format!("{} ({e})", self.describe())))
     }
 
-    /// The library's file name, for messages.
-    fn name(self) -> &'static str {
+    /// The start of the library's file name (then `.so`), for messages and for
+    /// [`loaded_path`].
+    pub fn name(self) -> &'static str {
         match self {
             Library::Driver => "libcuda",
             Library::Nvrtc => "libnvrtc",
@@ -151,6 +152,52 @@ pub fn driver_version() -> Result<(i32, i32), KernelsError> {
     })
 }
 
+/// The cuBLAS version as (major, minor, patch), loading libcublas if needed.
+pub fn cublas_version() -> Result<(i32, i32, i32), KernelsError> {
+    use cudarc::cublas::sys::{cublasGetProperty, cublasStatus_t, libraryPropertyType};
+    ensure(Library::Cublas)?;
+    guarded("libcublas", || {
+        let get = |p: libraryPropertyType| {
+            let mut v = 0;
+            // SAFETY: cuBLAS is loaded (checked above); the pointer is valid for writes.
+            let status = unsafe { cublasGetProperty(p, &mut v) };
+            if status == cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                Ok(v)
+            } else {
+                Err(KernelsError::Cublas {
+                    op: "cublasGetProperty",
+                    status: format!("{status:?}"),
+                })
+            }
+        };
+        Ok((
+            get(libraryPropertyType::MAJOR_VERSION)?,
+            get(libraryPropertyType::MINOR_VERSION)?,
+            get(libraryPropertyType::PATCH_LEVEL)?,
+        ))
+    })
+}
+
+/// The file this process mapped for `lib` (read from `/proc/self/maps`), once it is loaded:
+/// which `libnvrtc`, `libcuda` or `libcublas` the loader found, and where. `None` before the
+/// library is loaded, or where `/proc` is not there.
+pub fn loaded_path(lib: Library) -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    mapped_library(&maps, lib.name())
+}
+
+/// The first path in `maps` (`/proc/self/maps` text) whose file name is `<prefix>.so...`.
+fn mapped_library(maps: &str, prefix: &str) -> Option<std::path::PathBuf> {
+    maps.lines()
+        .filter_map(|line| line.find('/').map(|at| line[at..].trim_end()))
+        .find(|path| {
+            let file = path.rsplit('/').next().unwrap_or("");
+            file.strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with(".so"))
+        })
+        .map(std::path::PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +223,23 @@ mod tests {
                 Err(other) => panic!("unexpected {other}"),
             }
         }
+    }
+
+    #[test]
+    fn mapped_libraries_are_found_by_file_name() {
+        let maps = "7f00-7f01 r--p 00000000 08:01 1 /usr/lib/libnvrtc-builtins.so.13.0\n\
+                    7f01-7f02 r-xp 00000000 08:01 2 /opt/x/nvidia/cu13/lib/libnvrtc.so.13\n\
+                    7f02-7f03 r-xp 00000000 08:01 3 /usr/lib/libcublasLt.so.13\n\
+                    7f03-7f04 r-xp 00000000 08:01 4 /usr/lib/libcublas.so.13.1.0.3\n\
+                    7f04-7f05 rw-p 00000000 00:00 0 [heap]\n";
+        assert_eq!(
+            mapped_library(maps, "libnvrtc"),
+            Some("/opt/x/nvidia/cu13/lib/libnvrtc.so.13".into())
+        );
+        assert_eq!(
+            mapped_library(maps, "libcublas"),
+            Some("/usr/lib/libcublas.so.13.1.0.3".into())
+        );
+        assert_eq!(mapped_library(maps, "libcuda"), None);
     }
 }

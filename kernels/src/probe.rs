@@ -1,9 +1,11 @@
 //! Whether a CUDA GPU is usable on this machine: the driver and NVRTC load, the device exists,
-//! a context opens, and the driver is new enough to load what this NVRTC compiles.
+//! a context opens, and the driver is new enough to load what this NVRTC compiles (the same
+//! major version for CUBIN, the default; major and minor for PTX).
 
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::{CudaContext, DriverError};
 
+use crate::compile::{check_ptx_loadable, image_kind, ImageKind};
 pub use crate::error::KernelsError;
 use crate::libs::{self, Library};
 
@@ -39,12 +41,7 @@ pub fn probe(ordinal: usize) -> Result<GpuInfo, KernelsError> {
     libs::ensure(Library::Nvrtc)?;
     let nvrtc_version = libs::nvrtc_version()?;
     let driver_version = libs::driver_version()?;
-    if driver_version.0 < nvrtc_version.0 {
-        return Err(KernelsError::DriverTooOld {
-            driver: format!("{}.{}", driver_version.0, driver_version.1),
-            nvrtc: format!("{}.{}", nvrtc_version.0, nvrtc_version.1),
-        });
-    }
+    check_versions(nvrtc_version, driver_version, image_kind()?)?;
     libs::guarded("libcuda", || {
         let count = CudaContext::device_count().map_err(|e| driver_err(e, ordinal))?;
         if ordinal >= usize::try_from(count).unwrap_or(0) {
@@ -66,6 +63,25 @@ pub fn probe(ordinal: usize) -> Result<GpuInfo, KernelsError> {
             nvrtc_version,
         })
     })
+}
+
+/// Whether a driver supporting CUDA `driver` can load what NVRTC `nvrtc` builds as `kind`:
+/// machine code (CUBIN) needs the same major version (CUDA's minor-version compatibility); PTX
+/// needs a driver at least as new in major and minor (a 13.0 driver cannot JIT 13.1's PTX).
+pub fn check_versions(
+    nvrtc: (i32, i32),
+    driver: (i32, i32),
+    kind: ImageKind,
+) -> Result<(), KernelsError> {
+    let too_old = || KernelsError::DriverTooOld {
+        driver: format!("{}.{}", driver.0, driver.1),
+        nvrtc: format!("{}.{}", nvrtc.0, nvrtc.1),
+    };
+    match kind {
+        ImageKind::Cubin if driver.0 < nvrtc.0 => Err(too_old()),
+        ImageKind::Cubin => Ok(()),
+        ImageKind::Ptx => check_ptx_loadable(nvrtc, driver),
+    }
 }
 
 fn driver_err(e: DriverError, ordinal: usize) -> KernelsError {
@@ -95,6 +111,20 @@ mod tests {
                 assert!(!e.to_string().is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_newer_minor_nvrtc_is_fine_for_cubin_but_not_for_ptx() {
+        assert!(check_versions((13, 1), (13, 0), ImageKind::Cubin).is_ok());
+        assert!(check_versions((13, 0), (13, 0), ImageKind::Ptx).is_ok());
+        assert!(matches!(
+            check_versions((13, 1), (13, 0), ImageKind::Ptx),
+            Err(KernelsError::DriverTooOld { .. })
+        ));
+        assert!(matches!(
+            check_versions((13, 0), (12, 8), ImageKind::Cubin),
+            Err(KernelsError::DriverTooOld { .. })
+        ));
     }
 
     #[test]

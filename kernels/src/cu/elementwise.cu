@@ -1,8 +1,10 @@
 // Element-wise kernels over flat f32 buffers of `n` elements, and the f32 <-> bf16 casts.
 // Launch: 1-D grid, any block size (a multiple of 32); every kernel is grid-stride, so any grid
 // covers any `n`. Outputs may alias inputs where a comment says so.
-
-#include <cuda_bf16.h>
+//
+// bf16 is handled as its bits (an unsigned short, the upper half of an f32) with common.cuh's
+// conversions, so this family needs no CUDA header (cuda_bf16.h) and its casts round exactly
+// as the kernels' own bf16 stores and the host's `half::bf16::from_f32` do.
 
 // x[i] = value
 extern "C" __global__ void ew_fill(float* x, float value, long long n) {
@@ -39,14 +41,14 @@ extern "C" __global__ void ew_relu_bwd(const float* x, const float* dy, float* d
     }
 }
 
-// y[i] = bf16(x[i]), rounding to nearest even (NaN stays NaN).
-extern "C" __global__ void ew_f32_to_bf16(const float* x, __nv_bfloat16* y, long long n) {
-    GRID_STRIDE_LOOP(i, n) { y[i] = __float2bfloat16_rn(x[i]); }
+// y[i] = bf16(x[i]), rounding to nearest even (NaN stays NaN, quiet).
+extern "C" __global__ void ew_f32_to_bf16(const float* x, unsigned short* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = float_to_bf16_bits(x[i]); }
 }
 
 // y[i] = f32(x[i]) (exact).
-extern "C" __global__ void ew_bf16_to_f32(const __nv_bfloat16* x, float* y, long long n) {
-    GRID_STRIDE_LOOP(i, n) { y[i] = __bfloat162float(x[i]); }
+extern "C" __global__ void ew_bf16_to_f32(const unsigned short* x, float* y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = bf16_bits_to_float(x[i]); }
 }
 
 // out[r] = sum_c a[r, c] * b[r, c] for `rows` rows of `cols` (the `delta = dO . O` of the

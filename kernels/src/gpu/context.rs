@@ -1,7 +1,7 @@
 //! One GPU, ready to run the kernels: the CUDA context, the stream every operation is ordered
 //! on, the device memory pool, the kernel modules (NVRTC-compiled for this device's
-//! architecture, loaded lazily, once per family) and a cuBLAS handle (created at the first
-//! matrix product).
+//! architecture and loaded as CUBIN, lazily, once per family) and a cuBLAS handle (created at
+//! the first matrix product).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
-use crate::compile::compile;
+use crate::compile::{compile, image_kind};
 use crate::error::KernelsError;
 use crate::gpu::driver_error;
 use crate::gpu::memory::{DeviceBuffer, DeviceElem, DevicePool, MemoryReport};
@@ -147,10 +147,11 @@ impl GpuContext {
             return Ok(Arc::clone(m));
         }
         let compiled = compile(family, &self.arch)?;
+        let (image, kind) = compiled.module_image(image_kind()?, self.info.driver_version)?;
         let module = libs::guarded("libcuda", || {
-            self.ctx
-                .load_module(compiled.to_ptx())
-                .map_err(|e| driver_error(&format!("loading {}.cu PTX", family.name()), e))
+            self.ctx.load_module(image).map_err(|e| {
+                driver_error(&format!("loading {}.cu {}", family.name(), kind.name()), e)
+            })
         })?;
         Ok(Arc::clone(
             lock(&self.modules).entry(family).or_insert(module),

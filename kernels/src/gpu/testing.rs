@@ -4,7 +4,8 @@
 //! Without a GPU (no driver, no device, no NVRTC) [`context_for_test`] prints
 //! `SKIPPED: no GPU (<reason>)` and returns `None`, so the test passes — unless the environment
 //! sets `REFORMER_REQUIRE_GPU=1` (a GPU CI runner), which turns the skip into a failure. A GPU
-//! that answers the probe but cannot be opened is always a failure.
+//! that answers the probe but cannot be opened is always a failure. A test that gets the GPU
+//! says so on one line (`using CUDA device 0: <name> (<arch>) [<test>]`).
 
 use std::io::Write;
 
@@ -38,6 +39,15 @@ pub fn context_for_test(test: &str) -> Option<GpuContext> {
                 panic!("{test}: a GPU answered the probe ({}) but: {e}", info.name)
             });
             ctx.pool().set_poison(true);
+            // Past libtest's capture, as above: a GPU result must come from a process that said
+            // it is using the GPU.
+            let _ = writeln!(
+                std::io::stderr(),
+                "using CUDA device {}: {} ({}) [{test}]",
+                info.ordinal,
+                info.name,
+                ctx.arch()
+            );
             Some(ctx)
         }
     }

@@ -165,7 +165,8 @@ pub fn f32_to_bf16(
     let f = ctx.function(FAMILY, k::F32_TO_BF16)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.cu()).arg(y.cu_mut()).arg(&n);
-    // SAFETY: ew_f32_to_bf16(const float*, __nv_bfloat16*, long long); x holds n floats, y n bf16.
+    // SAFETY: ew_f32_to_bf16(const float*, unsigned short*, long long) (bf16 bits); x holds n
+    // floats, y n bf16.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::F32_TO_BF16, e))?;
     Ok(())
 }
@@ -184,7 +185,8 @@ pub fn bf16_to_f32(
     let f = ctx.function(FAMILY, k::BF16_TO_F32)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(x.cu()).arg(y.cu_mut()).arg(&n);
-    // SAFETY: ew_bf16_to_f32(const __nv_bfloat16*, float*, long long); x holds n bf16, y n floats.
+    // SAFETY: ew_bf16_to_f32(const unsigned short*, float*, long long) (bf16 bits); x holds n
+    // bf16, y n floats.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::BF16_TO_F32, e))?;
     Ok(())
 }
