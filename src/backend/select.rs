@@ -23,6 +23,13 @@ pub enum Runner {
     Cuda(usize),
 }
 
+/// GPU 0, if it answers the probe (one line names it), or why not.
+fn cuda() -> std::result::Result<Runner, String> {
+    let info = reformer_kernels::probe(0).map_err(|e| e.to_string())?;
+    eprintln!("using CUDA device 0: {}", info.name);
+    Ok(Runner::Cuda(0))
+}
+
 /// Resolves `req`, probing for a GPU where it matters and printing one line about the outcome.
 pub fn select(req: DeviceRequest) -> Result<Runner> {
     match req {
@@ -30,25 +37,15 @@ pub fn select(req: DeviceRequest) -> Result<Runner> {
             eprintln!("device: cpu");
             Ok(Runner::Cpu)
         }
-        DeviceRequest::Auto => match reformer_kernels::probe(0) {
-            Ok(info) => {
-                eprintln!("device: using CUDA device 0: {}", info.name);
-                Ok(Runner::Cuda(0))
-            }
-            Err(e) => {
-                eprintln!("device: no usable GPU ({e}); running on the CPU");
-                Ok(Runner::Cpu)
-            }
-        },
-        DeviceRequest::Cuda => match reformer_kernels::probe(0) {
-            Ok(info) => {
-                eprintln!("device: using CUDA device 0: {}", info.name);
-                Ok(Runner::Cuda(0))
-            }
-            Err(e) => Err(ReformerError::InvalidArgument(format!(
+        DeviceRequest::Auto => Ok(cuda().unwrap_or_else(|e| {
+            eprintln!("device: no usable GPU ({e}); running on the CPU");
+            Runner::Cpu
+        })),
+        DeviceRequest::Cuda => cuda().map_err(|e| {
+            ReformerError::InvalidArgument(format!(
                 "--device cuda: no usable GPU ({e}); use --device cpu or --device auto to run on \
                  the CPU"
-            ))),
-        },
+            ))
+        }),
     }
 }
