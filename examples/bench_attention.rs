@@ -47,6 +47,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use clap::{Parser, ValueEnum};
+use reformer::cli::{self, CliError, Interval};
 use reformer_engine::{MemoryPool, Rng, Tensor};
 use reformer_kernels::gpu::attention::{
     self as gpu_attn, AttnDims, GpuLocalConfig, GpuLshConfig, LshBuckets,
@@ -62,15 +64,26 @@ use serde_json::{json, Value};
 
 type BoxError = Box<dyn Error>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A report line on stdout; a closed stdout is ignored (the files are still written).
+macro_rules! outln {
+    ($($t:tt)*) => {
+        cli::outln(format_args!($($t)*))
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
+    /// The CPU.
     Cpu,
+    /// The GPU (an error without a usable one).
+    #[value(alias = "gpu")]
     Cuda,
+    /// The GPU when one is usable, else the CPU.
     Auto,
 }
 
 /// How the GPU path stores activations (the CPU path runs f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DtypeArg {
     F32,
     Bf16,
@@ -87,120 +100,88 @@ impl DtypeArg {
 
 const CPU_BF16: &str = "the CPU attention runs f32; bf16 storage is measured with --device cuda";
 
+#[derive(Parser, Debug)]
+#[command(about = "LSH attention against exact attention: time and memory by sequence length")]
 struct Args {
-    min_log2: u32,
-    max_log2: u32,
-    heads: usize,
-    d: usize,
-    chunk: usize,
-    rounds: Vec<usize>,
-    local: bool,
-    exact_budget: f64,
-    reps: Option<usize>,
+    /// auto: the GPU when one is usable, else the CPU; cpu; cuda (an error without a usable
+    /// GPU).
+    #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
+    /// Activation storage on the GPU: f32, or bf16 (inputs uploaded as bf16, the forward's
+    /// output converted to bf16 inside the timed pass and read as bf16 by the backward, as
+    /// the model's CUDA backend does; rows say bf16). The CPU attention runs f32: with
+    /// --device cpu, bf16 is an error; when --device auto falls back to the CPU it says so
+    /// and runs f32.
+    #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Shortest length, as a power of two (0..=30).
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true,
+          value_parser = cli::int_parser(0u32, Some(30)))]
+    min_log2: u32,
+    /// Longest length, as a power of two (0..=30, at least --min-log2).
+    #[arg(long, default_value_t = 19, allow_negative_numbers = true,
+          value_parser = cli::int_parser(0u32, Some(30)))]
+    max_log2: u32,
+    /// Attention heads.
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true,
+          value_parser = cli::int_parser(1usize, Some(1024)))]
+    heads: usize,
+    /// Head width d_k.
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true,
+          value_parser = cli::int_parser(1usize, Some(4096)))]
+    d: usize,
+    /// Chunk length of LSH and local attention.
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true,
+          value_parser = cli::int_parser(1usize, Some(1 << 20)))]
+    chunk: usize,
+    /// LSH hash rounds to measure, comma-separated (each 1..=64).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4],
+          allow_negative_numbers = true, value_parser = cli::int_parser(1usize, Some(64)))]
+    rounds: Vec<usize>,
+    /// Leave out local attention.
+    #[arg(long)]
+    no_local: bool,
+    /// Exact attention stops before a length whose predicted time (all its repetitions,
+    /// forward and forward+backward) passes this many seconds; 0 skips it.
+    #[arg(long, default_value_t = 300.0, allow_negative_numbers = true,
+          value_parser = cli::float_parser(Interval::closed(0.0, 1e9)))]
+    exact_budget: f64,
+    /// Repetitions of every case [default: by length and device].
+    #[arg(long, allow_negative_numbers = true,
+          value_parser = cli::int_parser(1usize, Some(1_000_000)))]
+    reps: Option<usize>,
+    /// Rows of another harness in this schema (e.g. scripts/bench_torch_attention.py's
+    /// attention.json), drawn in the chart and compared with our LSH; repeatable.
+    #[arg(long, value_name = "ROWS.json")]
     also: Vec<PathBuf>,
+    /// Folder for attention.csv, attention.json, attention.svg.
+    #[arg(long, default_value = "target/bench_attention")]
     out: PathBuf,
 }
 
-const HELP: &str = "bench_attention [--device auto|cpu|cuda] [--dtype f32|bf16] [--min-log2 10] \
-[--max-log2 19] [--heads 2] [--d 64] [--chunk 64] [--rounds 1,2,4] [--no-local] \
-[--exact-budget SECONDS] [--reps N] [--also ROWS.json]... [--out DIR]
-
-  --device        auto: the GPU when one is usable, else the CPU (default); cpu; cuda (error
-                  without a usable GPU)
-  --dtype         activation storage on the GPU: f32 (default) or bf16 (inputs uploaded as
-                  bf16, the forward's output converted to bf16 inside the timed pass and read
-                  as bf16 by the backward, as the model's CUDA backend does; rows say bf16).
-                  The CPU attention runs f32: with --device cpu, bf16 is an error; when
-                  --device auto falls back to the CPU it says so and runs f32
-  --exact-budget  exact attention stops before a length whose predicted time (all its
-                  repetitions, forward and forward+backward) passes this many seconds; 0 skips
-                  it (default 300)
-  --reps          repetitions of every case (default: by length and device)
-  --also          rows of another harness in this schema (e.g. scripts/bench_torch_attention.py's
-                  attention.json): drawn in the chart and compared with our LSH
-  --out           folder for attention.csv, attention.json, attention.svg";
-
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        min_log2: 10,
-        max_log2: 19,
-        heads: 2,
-        d: 64,
-        chunk: 64,
-        rounds: vec![1, 2, 4],
-        local: true,
-        exact_budget: 300.0,
-        reps: None,
-        device: DeviceArg::Auto,
-        dtype: DtypeArg::F32,
-        also: Vec::new(),
-        out: PathBuf::from("target/bench_attention"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
-        let bad = |e: &dyn std::fmt::Display| format!("bad value for {flag}: {e}");
-        match flag.as_str() {
-            "--min-log2" => a.min_log2 = val()?.parse().map_err(|e| bad(&e))?,
-            "--max-log2" => a.max_log2 = val()?.parse().map_err(|e| bad(&e))?,
-            "--heads" => a.heads = val()?.parse().map_err(|e| bad(&e))?,
-            "--d" => a.d = val()?.parse().map_err(|e| bad(&e))?,
-            "--chunk" => a.chunk = val()?.parse().map_err(|e| bad(&e))?,
-            "--rounds" => {
-                a.rounds = val()?
-                    .split(',')
-                    .filter(|s| !s.trim().is_empty())
-                    .map(|s| s.trim().parse().map_err(|e| bad(&e)))
-                    .collect::<Result<_, _>>()?
-            }
-            "--no-local" => a.local = false,
-            "--exact-budget" => a.exact_budget = val()?.parse().map_err(|e| bad(&e))?,
-            "--reps" => a.reps = Some(val()?.parse().map_err(|e| bad(&e))?),
-            "--device" => {
-                a.device = match val()?.as_str() {
-                    "cpu" => DeviceArg::Cpu,
-                    "cuda" | "gpu" => DeviceArg::Cuda,
-                    "auto" => DeviceArg::Auto,
-                    other => return Err(bad(&format!("`{other}` (cpu, cuda or auto)"))),
-                }
-            }
-            "--dtype" => {
-                a.dtype = match val()?.as_str() {
-                    "f32" => DtypeArg::F32,
-                    "bf16" => DtypeArg::Bf16,
-                    other => return Err(bad(&format!("`{other}` (f32 or bf16)"))),
-                }
-            }
-            "--also" => a.also.push(PathBuf::from(val()?)),
-            "--out" => a.out = PathBuf::from(val()?),
-            "-h" | "--help" => {
-                println!("{HELP}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown flag {other}; see --help")),
-        }
+impl Args {
+    fn local(&self) -> bool {
+        !self.no_local
     }
-    if a.min_log2 > a.max_log2 || a.max_log2 > 30 {
-        return Err(format!(
-            "--min-log2 {} / --max-log2 {}: need min ≤ max ≤ 30",
-            a.min_log2, a.max_log2
+}
+
+/// The checks that involve more than one flag.
+fn check_args(a: &Args) -> Result<(), CliError> {
+    if a.min_log2 > a.max_log2 {
+        return Err(CliError::flag(
+            "--min-log2",
+            a.min_log2,
+            format!("expected at most --max-log2 ({})", a.max_log2),
         ));
     }
-    if a.heads == 0 || a.d == 0 || a.chunk == 0 {
-        return Err("--heads, --d and --chunk must be at least 1".into());
-    }
-    if a.rounds.contains(&0) {
-        return Err("--rounds: every entry must be at least 1".into());
-    }
-    if a.reps == Some(0) {
-        return Err("--reps must be at least 1".into());
-    }
     if a.dtype == DtypeArg::Bf16 && a.device == DeviceArg::Cpu {
-        return Err(format!("--dtype bf16 with --device cpu: {CPU_BF16}"));
+        return Err(CliError::flag(
+            "--dtype",
+            "bf16",
+            format!("not with --device cpu: {CPU_BF16}"),
+        ));
     }
-    Ok(a)
+    Ok(())
 }
 
 /// One measured (or failed) case.
@@ -462,7 +443,7 @@ fn open_backend(device: DeviceArg, threads: usize) -> Result<Backend, String> {
         }
         (Err(e), DeviceArg::Cuda) => Err(format!("--device cuda: no usable GPU: {e}")),
         (Err(e), _) => {
-            println!("bench_attention: no usable GPU ({e}); running on the CPU");
+            outln!("bench_attention: no usable GPU ({e}); running on the CPU");
             Ok(cpu())
         }
     }
@@ -516,7 +497,7 @@ fn finish_row(mut row: Row, m: Result<Measured, BoxError>) -> Row {
         }
         Err(e) => {
             let msg = e.to_string().replace('\n', " ");
-            println!("({} at N = {}: {msg}; it stops here)", row.kind, row.len);
+            outln!("({} at N = {}: {msg}; it stops here)", row.kind, row.len);
             row.status = format!("failed: {msg}");
         }
     }
@@ -593,7 +574,7 @@ fn bench_length_cpu(
         let m = measure(reps(false), 0, &counters, &mut |b| timed(&run, b));
         rows.push(finish_row(base_row(args, backend, "f32", &kind, len), m));
     }
-    if args.local && !plan.dead.contains("local") {
+    if args.local() && !plan.dead.contains("local") {
         // Local attention has separate keys: they count in its peak only.
         let k = Tensor::randn(&pool, &shape, 1.0, rng)?;
         let cfg = LocalConfig {
@@ -759,7 +740,7 @@ fn bench_length_gpu<T: BenchElem>(
         });
         rows.push(finish_row(base_row(args, backend, T::NAME, &kind, len), m));
     }
-    if args.local && !plan.dead.contains("local") {
+    if args.local() && !plan.dead.contains("local") {
         let k = randn(rng)?;
         let cfg = GpuLocalConfig {
             chunk_len: args.chunk,
@@ -799,7 +780,7 @@ fn read_also(paths: &[PathBuf]) -> Result<Vec<Row>, String> {
             .ok_or_else(|| format!("--also {}: expected a JSON array of rows", p.display()))?;
         let before = rows.len();
         rows.extend(arr.iter().filter_map(Row::from_json));
-        println!(
+        outln!(
             "bench_attention: {} rows from {}",
             rows.len() - before,
             p.display()
@@ -809,24 +790,24 @@ fn read_also(paths: &[PathBuf]) -> Result<Vec<Row>, String> {
 }
 
 fn main() -> ExitCode {
-    match run() {
+    let args = Args::parse();
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bench_attention: error: {e}");
-            ExitCode::FAILURE
+            cli::errln(format_args!("bench_attention: error: {e}"));
+            ExitCode::from(cli::exit_code(e.as_ref()))
         }
     }
 }
 
-fn run() -> Result<(), BoxError> {
-    let mut args = parse_args()?;
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+fn run(mut args: Args) -> Result<(), BoxError> {
+    check_args(&args)?;
     let also = read_also(&args.also)?;
+    cli::prepare_out_dir("--out", &args.out)?;
     let threads = rayon::current_num_threads();
     let backend = open_backend(args.device, threads)?;
     if args.dtype == DtypeArg::Bf16 && !backend.is_gpu() {
-        println!("bench_attention: --dtype bf16 ignored on the CPU ({CPU_BF16}): running f32");
+        outln!("bench_attention: --dtype bf16 ignored on the CPU ({CPU_BF16}): running f32");
         args.dtype = DtypeArg::F32;
     }
     if let Backend::Cuda { ctx, name } = &backend {
@@ -835,9 +816,9 @@ fn run() -> Result<(), BoxError> {
         // error reported by the case that needs them) at first use.
         let t = Instant::now();
         if let Err(e) = ctx.load_all() {
-            println!("bench_attention: warning: compiling the kernels: {e}");
+            outln!("bench_attention: warning: compiling the kernels: {e}");
         }
-        println!(
+        outln!(
             "bench_attention: {name} ({}), kernels compiled and loaded in {:.1} s; {}",
             ctx.arch(),
             t.elapsed().as_secs_f64(),
@@ -851,7 +832,7 @@ fn run() -> Result<(), BoxError> {
              f32 output to bf16)"
         }
     };
-    println!(
+    outln!(
         "bench_attention on {}: {stored}, {} heads × d_k {}, chunk {}, rounds {:?}; times are \
          medians; peaks include the inputs (qk, v, d_out; local adds k); exact/this: the fastest \
          exact attention at that length (ours or --also rows) over this row",
@@ -861,7 +842,7 @@ fn run() -> Result<(), BoxError> {
         args.chunk,
         args.rounds
     );
-    println!(
+    outln!(
         "{:>14} {:>8} {:>5} {:>12} {:>14} {:>12} {:>14} {:>10}",
         "kind",
         "N",
@@ -892,10 +873,15 @@ fn run() -> Result<(), BoxError> {
                 || exact_prev.is_some_and(|t| 4.2 * t * exact_reps > args.exact_budget))
         {
             exact_alive = false;
-            println!(
-                "(exact attention stops here: N = {len} would take over {:.0} s)",
-                args.exact_budget
-            );
+            if args.exact_budget == 0.0 {
+                outln!("(exact attention skipped: --exact-budget 0)");
+            } else {
+                outln!(
+                    "(exact attention stops here: N = {len} would take over --exact-budget \
+                     {} s)",
+                    args.exact_budget
+                );
+            }
         }
         let plan = LengthPlan {
             len,
@@ -914,7 +900,7 @@ fn run() -> Result<(), BoxError> {
             Ok(h) => h,
             Err(e) => {
                 // The inputs themselves did not fit (or the device failed): no longer length will.
-                println!("(N = {len}: {e}; stopping)");
+                outln!("(N = {len}: {e}; stopping)");
                 break;
             }
         };
@@ -940,7 +926,7 @@ fn run() -> Result<(), BoxError> {
                 (Some(e), Some(t)) => format!("{:.2}", e / t),
                 _ => "-".into(),
             };
-            println!(
+            outln!(
                 "{:>14} {:>8} {:>5} {:>12.3} {:>14.3} {:>12.0} {:>14.0} {:>10}",
                 r.kind,
                 r.len,
@@ -958,7 +944,7 @@ fn run() -> Result<(), BoxError> {
     if !also.is_empty() || rows.iter().any(|r| r.kind == "exact") {
         print_comparison(&rows, &also);
     }
-    println!(
+    outln!(
         "wrote {0}/attention.csv, {0}/attention.json, {0}/attention.svg",
         args.out.display()
     );
@@ -996,7 +982,7 @@ fn print_comparison(rows: &[Row], also: &[Row]) {
     if exact_kinds.is_empty() || lsh_kinds.is_empty() {
         return;
     }
-    println!("\nforward+backward, exact time / LSH time (> 1: LSH faster):");
+    outln!("\nforward+backward, exact time / LSH time (> 1: LSH faster):");
     for (ek, edev, edt) in &exact_kinds {
         for (lk, ldt) in &lsh_kinds {
             let mut pairs: Vec<(usize, f64)> = Vec::new();
@@ -1034,7 +1020,7 @@ fn print_comparison(rows: &[Row], also: &[Row]) {
             } else {
                 format!(" [{ldt}]")
             };
-            println!(
+            outln!(
                 "  {ek} {} vs {lk}{lsh_tag}: crossover {crossover}; at 2^16 {}; at 2^19 {}; \
                  longest common 2^{} {:.1}x",
                 device_tag(edev, edt),

@@ -6,38 +6,55 @@
 //! ```
 //!
 //! Each byte re-runs the forward pass over the growing context (see `reformer::generate`).
+//! Bytes are written as they are chosen; when the reader goes away (`generate ... | head -c
+//! 10`) generation stops at once. A prompt longer than the model's context is cut to its last
+//! bytes, with a notice.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use reformer::{checkpoint, generate, CpuBackend, ReformerLm, SampleOptions};
+use reformer::cli::{self, CliError, Interval, SampleEnd};
+use reformer::{checkpoint, CheckpointError, CpuBackend, ReformerLm, SampleOptions};
 use reformer_engine::MemoryPool;
+
+/// A status line on stderr; a closed stderr is ignored.
+macro_rules! say {
+    ($($t:tt)*) => {
+        cli::errln(format_args!($($t)*))
+    };
+}
+
+const DEFAULT_CHECKPOINT: &str = "runs/train_text/checkpoint.safetensors";
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate text with a trained byte-level Reformer checkpoint")]
 struct Args {
     /// Checkpoint written by train_text.
-    #[arg(long, default_value = "runs/train_text/checkpoint.safetensors")]
+    #[arg(long, default_value = DEFAULT_CHECKPOINT)]
     checkpoint: PathBuf,
-    /// Text to continue (escape sequences are not interpreted).
+    /// Text to continue (escape sequences are not interpreted); at least one byte.
     #[arg(long, default_value = "\n")]
     prompt: String,
     /// Bytes to generate.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, allow_negative_numbers = true,
+          value_parser = cli::int_parser(0usize, None))]
     tokens: usize,
-    /// Softmax temperature (0: always the most likely byte).
-    #[arg(long, default_value_t = 0.8)]
+    /// Softmax temperature, in [0, 100] (0: always the most likely byte).
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true,
+          value_parser = cli::f32_parser(Interval::closed(0.0, 100.0)))]
     temperature: f32,
-    /// Sample among the k most likely bytes (0: all 256).
-    #[arg(long, default_value_t = 40)]
+    /// Sample among the k most likely bytes, 0..=256 (0: all 256).
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true,
+          value_parser = cli::int_parser(0usize, Some(256)))]
     top_k: usize,
-    /// LSH hash rounds (default: the model's eval rounds).
-    #[arg(long)]
+    /// LSH hash rounds, 1..=64 (default: the model's eval rounds).
+    #[arg(long, allow_negative_numbers = true, value_parser = cli::int_parser(1usize, Some(64)))]
     rounds: Option<usize>,
     /// Sampling seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = cli::int_parser(0u64, None))]
     seed: u64,
 }
 
@@ -46,38 +63,65 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            say!("error: {e}");
+            ExitCode::from(cli::exit_code(e.as_ref()))
         }
     }
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let ck = checkpoint::load(&args.checkpoint)?;
+    if args.prompt.is_empty() {
+        return Err(
+            CliError::flag("--prompt", "", "expected at least one byte to continue").into(),
+        );
+    }
+    let ck = checkpoint::load(&args.checkpoint).map_err(|e| -> Box<dyn std::error::Error> {
+        match e {
+            CheckpointError::Missing { .. }
+                if args.checkpoint == std::path::Path::new(DEFAULT_CHECKPOINT) =>
+            {
+                format!(
+                    "{e} (the default --checkpoint): train one with `cargo run --release \
+                     --example train_text`, or pass --checkpoint FILE"
+                )
+                .into()
+            }
+            e => e.into(),
+        }
+    })?;
     let backend = CpuBackend::new(&MemoryPool::unlimited());
     let mut model = ReformerLm::from_checkpoint(backend, &ck)?;
     model.drop_optimizer_state();
-    eprintln!(
+    say!(
         "{}: step {}, {} layers, d_model {}",
         args.checkpoint.display(),
         ck.state.step,
         ck.config.n_layers,
         ck.config.d_model
     );
+    let prompt = args.prompt.as_bytes();
+    let max_len = ck.config.max_len();
+    if prompt.len() > max_len {
+        say!(
+            "notice: the prompt has {} bytes, more than the model's context of {max_len}: only \
+             its last {max_len} bytes condition the sample",
+            prompt.len()
+        );
+    }
     let opts = SampleOptions {
         temperature: args.temperature,
         top_k: args.top_k,
         rounds: args.rounds,
         seed: args.seed,
     };
-    let prompt = args.prompt.as_bytes();
     let mut out = std::io::stdout().lock();
-    out.write_all(prompt)?;
-    out.flush()?;
-    generate(&mut model, prompt, args.tokens, &opts, |b| {
-        let _ = out.write_all(&[b]);
-        let _ = out.flush();
-    })?;
-    writeln!(out)?;
+    // A reader that went away (e.g. `| head -c 10`) ends the run quietly: nothing is lost.
+    if out.write_all(prompt).and_then(|_| out.flush()).is_err() {
+        return Ok(());
+    }
+    let end = cli::sample_to(&mut model, prompt, args.tokens, &opts, &mut out, &|| false)?;
+    if end == SampleEnd::Done {
+        let _ = writeln!(out);
+    }
     Ok(())
 }

@@ -11,6 +11,10 @@
 //! Tokens are random bytes unless `--text FILE` is given (memory and time do not depend on
 //! the text). The pool refuses any allocation past `--mem-budget`: a step that would pass it
 //! stops with the typed out-of-memory error, reported on one line.
+//!
+//! Every flag and path is checked before any work (a bad value exits 2 naming the flag, the
+//! value and the range; `--json` and `--text` are opened first), and a closed stdout only
+//! silences the report.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,10 +25,25 @@ use reformer::backend::{
     human_bytes, select, Backend, CpuBackend, CudaBackend, DeviceRequest, MemoryPlan, PlanTarget,
     Runner,
 };
+use reformer::cli::{self, CliError};
 use reformer::config::Attention;
 use reformer::data::TextData;
 use reformer::{AdamConfig, LrSchedule, ModelConfig, ReformerError, ReformerLm, StepContext};
 use reformer_engine::{DType, EngineError, MemoryPool, Rng};
+
+/// A report line on stdout; a closed stdout is ignored.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        cli::outln(format_args!($($t)*))
+    };
+}
+
+/// A status line on stderr; a closed stderr is ignored.
+macro_rules! say {
+    ($($t:tt)*) => {
+        cli::errln(format_args!($($t)*))
+    };
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
@@ -59,11 +78,14 @@ struct Args {
     #[arg(long, default_value = "deep20")]
     preset: String,
     /// Tokens per sequence (at most the preset's axial capacity, 2^19 for the big presets).
-    #[arg(long, default_value_t = 524_288)]
+    #[arg(long, default_value_t = 524_288, allow_negative_numbers = true,
+          value_parser = cli::int_parser(1usize, None))]
     len: usize,
-    /// Memory budget of the pool: bytes, or with a unit KiB, MiB, GiB (e.g. 16GiB, 1.5GiB).
-    #[arg(long, default_value = "16GiB")]
-    mem_budget: String,
+    /// Memory budget of the pool: bytes, or with a unit KiB, MiB, GiB, TiB (e.g. 16GiB,
+    /// 1.5GiB).
+    #[arg(long, default_value = "16GiB", allow_hyphen_values = true,
+          value_parser = cli::size_parser())]
+    mem_budget: usize,
     /// Where to run: cpu, cuda (GPU 0; an error where none answers; with --plan, the GPU's
     /// plan without a GPU), or auto (cuda where a GPU answers, else the CPU).
     #[arg(long, value_enum, default_value = "auto")]
@@ -81,16 +103,18 @@ struct Args {
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
     /// Training steps (forward, backward, Adam) to run.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true,
+          value_parser = cli::int_parser(0usize, None))]
     steps: usize,
     /// Forward-only passes (with the loss, evaluation rounds) to run after training.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true,
+          value_parser = cli::int_parser(0usize, None))]
     infer: usize,
-    /// Override the number of layers (the preset's attention pattern repeats).
-    #[arg(long)]
+    /// Override the number of layers, 1..=1024 (the preset's attention pattern repeats).
+    #[arg(long, allow_negative_numbers = true, value_parser = cli::int_parser(1usize, Some(1024)))]
     layers: Option<usize>,
-    /// Override the LSH hash rounds (training and evaluation).
-    #[arg(long)]
+    /// Override the LSH hash rounds, 1..=64 (training and evaluation).
+    #[arg(long, allow_negative_numbers = true, value_parser = cli::int_parser(1usize, Some(64)))]
     rounds: Option<usize>,
     /// Read tokens from this file instead of random bytes.
     #[arg(long)]
@@ -99,7 +123,8 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Seed of the random tokens and the data window.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true,
+          value_parser = cli::int_parser(0u64, None))]
     seed: u64,
 }
 
@@ -107,53 +132,40 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The paths first: a --json that cannot be written fails now, not after the run.
+    let checked = args
+        .json
+        .as_deref()
+        .map_or(Ok(()), |p| cli::check_output_file("--json", p))
+        .and_then(|_| {
+            args.text
+                .as_deref()
+                .map_or(Ok(()), |p| cli::check_input_file("--text", p))
+        });
+    if let Err(e) = checked {
+        say!("error: {e}");
+        return ExitCode::from(e.exit_code());
+    }
     let mut summary = serde_json::Map::new();
     let result = run(&args, &mut summary);
     if let Err(e) = &result {
-        eprintln!("error: {e}");
+        say!("error: {e}");
         summary.insert("error".into(), e.to_string().into());
     }
     if let Some(path) = &args.json {
         let line = serde_json::Value::Object(summary).to_string();
         if let Err(e) = std::fs::write(path, line + "\n") {
-            eprintln!("error: cannot write {}: {e}", path.display());
+            say!(
+                "error: {}",
+                CliError::path("--json", path, format!("cannot be written: {e}"))
+            );
             return ExitCode::FAILURE;
         }
     }
-    if result.is_ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    match &result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => ExitCode::from(cli::exit_code(e.as_ref())),
     }
-}
-
-/// `16GiB`, `1.5 GiB`, `512MiB`, `4096KiB`, `1000000` (bytes), case-insensitive units.
-fn parse_bytes(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("--mem-budget `{s}`: expected a number with KiB, MiB or GiB"))?;
-    let scale = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1u64,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        "tib" | "t" => 1 << 40,
-        u => {
-            return Err(format!(
-                "--mem-budget `{s}`: unknown unit `{u}` (KiB, MiB, GiB)"
-            ))
-        }
-    };
-    let bytes = value * scale as f64;
-    if !(bytes.is_finite() && bytes >= 1.0 && bytes < usize::MAX as f64) {
-        return Err(format!("--mem-budget `{s}` is out of range"));
-    }
-    Ok(bytes as usize)
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
@@ -172,26 +184,23 @@ fn rss_text() -> String {
 fn model_config(args: &Args) -> AnyResult<ModelConfig> {
     let mut cfg = ModelConfig::preset(&args.preset)?;
     if let Some(l) = args.layers {
-        if l == 0 {
-            return Err("--layers must be at least 1".into());
-        }
         let pattern = cfg.attention.clone();
         cfg.attention = (0..l).map(|i| pattern[i % pattern.len()]).collect();
         cfg.n_layers = l;
     }
     if let Some(r) = args.rounds {
-        if r == 0 {
-            return Err("--rounds must be at least 1".into());
-        }
         cfg.n_rounds = r;
         cfg.eval_rounds = r;
     }
-    if args.len == 0 || args.len > cfg.max_len() {
-        return Err(format!(
-            "--len {} is outside what the {} preset serves (1 ..= {})",
+    if args.len > cfg.max_len() {
+        return Err(CliError::flag(
+            "--len",
             args.len,
-            args.preset,
-            cfg.max_len()
+            format!(
+                "expected a whole number in 1..={}, what the {} preset serves",
+                cfg.max_len(),
+                args.preset
+            ),
         )
         .into());
     }
@@ -247,8 +256,10 @@ fn data(args: &Args) -> AnyResult<TextData> {
 }
 
 fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) -> AnyResult<()> {
-    let budget = parse_bytes(&args.mem_budget)?;
+    let budget = args.mem_budget;
     let cfg = model_config(args)?;
+    // The tokens before the plan: a --text too short for --len fails before any work.
+    let data = data(args)?;
     let dtype = match args.dtype {
         DTypeArg::F32 => DType::F32,
         DTypeArg::Bf16 => DType::BF16,
@@ -259,6 +270,9 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     } else {
         select(args.device.into())?
     };
+    if args.steps == 0 && args.infer == 0 && !args.plan {
+        say!("notice: --steps 0 and --infer 0: only the plan is printed");
+    }
     let len = args.len;
     let threads = rayon::current_num_threads();
     let target = match runner {
@@ -278,7 +292,7 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     put(summary, "budget_bytes", budget.into());
     put(summary, "threads", threads.into());
     put(summary, "act_dtype", format!("{dtype:?}").into());
-    println!(
+    outln!(
         "{} preset: {} layers ({}), d_model {}, {} × {} heads, rounds {} (eval {}), {} tokens; \
          budget {}; {threads} threads",
         args.preset,
@@ -298,8 +312,8 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     );
     let train_plan = MemoryPlan::new(&cfg, len, true, target, dtype)?;
     let infer_plan = MemoryPlan::new(&cfg, len, false, target, dtype)?;
-    println!("{train_plan}");
-    println!("{infer_plan}");
+    outln!("{train_plan}");
+    outln!("{infer_plan}");
     put(summary, "train_plan_bytes", train_plan.peak.into());
     put(summary, "infer_plan_bytes", infer_plan.peak.into());
     for (name, p, n) in [
@@ -307,7 +321,7 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
         ("inference pass", &infer_plan, args.infer),
     ] {
         if n > 0 && p.peak > budget {
-            println!(
+            outln!(
                 "the plan puts a {name} at {}, {} above the budget of {}{}",
                 human_bytes(p.peak),
                 human_bytes(p.peak - budget),
@@ -323,7 +337,6 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
     if args.plan {
         return Ok(());
     }
-    let data = data(args)?;
     let window = data.train_window(args.seed, 0, len)?.to_vec();
     let plans = (train_plan.peak, infer_plan.peak);
     match runner {
@@ -333,7 +346,7 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
                 .with_act_dtype(dtype)?;
             backend.set_tf32(args.tf32)?;
             put(summary, "tf32", args.tf32.into());
-            println!(
+            outln!(
                 "device: {}; dense products in {}; activations in {dtype:?}",
                 backend.describe(),
                 if args.tf32 { "TF32" } else { "f32" }
@@ -343,7 +356,7 @@ fn run(args: &Args, summary: &mut serde_json::Map<String, serde_json::Value>) ->
         Runner::Cpu => {
             let pool = MemoryPool::with_budget(budget);
             let backend = CpuBackend::new(&pool).with_act_dtype(dtype)?;
-            println!("device: {}; activations in {dtype:?}", backend.describe());
+            outln!("device: {}; activations in {dtype:?}", backend.describe());
             run_model(backend, &cfg, args, &window, plans, summary)
         }
     }
@@ -409,7 +422,7 @@ fn run_model<B: Backend>(
             let peak = lm.backend().peak_bytes();
             peak_max = peak_max.max(peak);
             driver_max = driver_max.max(lm.backend().driver_used_bytes().unwrap_or(0));
-            println!(
+            outln!(
                 "{name} {i}: {dt:.3} s, {:.0} tokens/s, loss {loss:.3}; device pool peak {} \
                  (plan {}, measured/plan {:.4}){}; peak RSS {}",
                 len as f64 / dt,

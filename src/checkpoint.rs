@@ -1,11 +1,17 @@
 //! Checkpoints: one safetensors file with every parameter and Adam's moments, plus metadata
 //! (format version, the model config, the optimizer step, schedule and Adam settings, the data
-//! seed and position, a checksum of the tensor bytes).
+//! seed and position, a checksum of the tensor bytes and one of the metadata).
+//!
+//! The container is the `safetensors` crate's: its header types ([`Metadata`],
+//! [`TensorInfo`]) are built and validated by the crate and written as sorted JSON, so the same
+//! state gives the same bytes; reading goes through [`SafeTensors`]. The bytes are streamed to
+//! the file (no second copy of the model in memory).
 //!
 //! Saving is atomic: the file is written to `PATH.tmp`, synced, then renamed over `PATH` (and
 //! the folder synced), so an interrupted save leaves the previous checkpoint intact. Loading
 //! tells a truncated file, a corrupt one (bad header, bad checksum, missing or misshapen
-//! tensors) and one from another model config apart, each with its own error.
+//! tensors), a safetensors file that is not a reformer checkpoint and one from another model
+//! config apart, each with its own error. Loading never panics, whatever the bytes.
 //!
 //! Tensor names: `param.NNNN.NAME`, `adam.m.NNNN.NAME`, `adam.v.NNNN.NAME` where `NNNN` is the
 //! parameter's index in the model's order and `NAME` its name. Data are f32, little-endian.
@@ -15,7 +21,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::SafeTensors;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors};
 use thiserror::Error;
 
 use crate::config::ModelConfig;
@@ -27,6 +34,8 @@ pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_NAME: &str = "reformer-checkpoint";
 /// Headers longer than this are not ours (safetensors' own limit is 100 MB).
 const MAX_HEADER: u64 = 100_000_000;
+/// The metadata key of the metadata checksum (absent from checkpoints written before it).
+const META_CHECKSUM: &str = "checksum.metadata";
 
 #[derive(Debug, Error)]
 pub enum CheckpointError {
@@ -46,6 +55,8 @@ pub enum CheckpointError {
     },
     #[error("checkpoint {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("{path} is a valid safetensors file but not a reformer checkpoint: {reason}")]
+    NotReformer { path: PathBuf, reason: String },
     #[error("checkpoint {path} has format version {found}; this build reads version {supported}")]
     Version {
         path: PathBuf,
@@ -151,7 +162,7 @@ impl TrainState {
         Ok(TrainState {
             step: int("step")?,
             tokens_seen: int("tokens_seen")?,
-            seq_len: int("seq_len")? as usize,
+            seq_len: usize::try_from(int("seq_len")?).map_err(|_| corrupt("seq_len"))?,
             data_seed: int("data_seed")?,
             schedule: LrSchedule {
                 lr: float("schedule.lr")?,
@@ -166,6 +177,29 @@ impl TrainState {
                 clip_norm: clip,
             },
         })
+    }
+
+    /// Checks the values a trainer relies on: `Err(reason)` for the first one out of range.
+    fn check(&self, cfg: &ModelConfig) -> Result<(), String> {
+        let max_len = cfg.max_len();
+        if self.seq_len == 0 || self.seq_len > max_len {
+            return Err(format!(
+                "metadata `seq_len` {} is outside 1..={max_len}, the model's capacity",
+                self.seq_len
+            ));
+        }
+        let finite = [
+            ("schedule.lr", self.schedule.lr),
+            ("schedule.final_fraction", self.schedule.final_fraction),
+            ("adam.beta1", self.adam.beta1),
+            ("adam.beta2", self.adam.beta2),
+            ("adam.eps", self.adam.eps),
+            ("adam.clip_norm", self.adam.clip_norm.unwrap_or(1.0)),
+        ];
+        if let Some((k, v)) = finite.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("metadata `{k}` is {v}"));
+        }
+        Ok(())
     }
 }
 
@@ -189,21 +223,24 @@ impl Checksum {
             self.0 = (self.0 ^ b as u64).wrapping_mul(Self::PRIME);
         }
     }
+    fn hex(self) -> String {
+        format!("{:016x}", self.0)
+    }
 }
 
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
+/// The checksum of every metadata entry but its own, in key order (`key NUL value NUL`).
+fn metadata_checksum(meta: &HashMap<String, String>) -> Checksum {
+    let mut items: Vec<(&String, &String)> =
+        meta.iter().filter(|(k, _)| *k != META_CHECKSUM).collect();
+    items.sort();
+    let mut sum = Checksum::new();
+    for (k, v) in items {
+        sum.update(k.as_bytes());
+        sum.update(&[0]);
+        sum.update(v.as_bytes());
+        sum.update(&[0]);
     }
-    out.push('"');
-    out
+    sum
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -218,6 +255,24 @@ pub fn temp_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".tmp");
     PathBuf::from(s)
+}
+
+/// `value` with its object keys sorted at every level, so the header's bytes do not depend on
+/// a hash map's order.
+fn sorted_json(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut items: Vec<(String, serde_json::Value)> = map.into_iter().collect();
+            items.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(
+                items
+                    .into_iter()
+                    .map(|(k, v)| (k, sorted_json(v)))
+                    .collect(),
+            )
+        }
+        other => other,
+    }
 }
 
 /// Writes `snap` and `state` to `path` atomically.
@@ -266,6 +321,7 @@ pub fn save(path: &Path, snap: &Snapshot, state: &TrainState) -> CkResult<()> {
             tensors.push((format!("{what}.{i:04}.{name}"), shape, data));
         }
     }
+    // The data in name order, as the header lists it (and as the checksum reads it).
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     if tensors.windows(2).any(|w| w[0].0 == w[1].0) {
         return Err(bad("two tensors share a name".into()));
@@ -278,36 +334,34 @@ pub fn save(path: &Path, snap: &Snapshot, state: &TrainState) -> CkResult<()> {
     meta.insert("format".to_string(), FORMAT_NAME.to_string());
     meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
     meta.insert("config".to_string(), snap.config.to_text());
-    meta.insert("checksum".to_string(), format!("{:016x}", sum.0));
+    meta.insert("checksum".to_string(), sum.hex());
     meta.insert("n_params".to_string(), n.to_string());
     state.to_metadata(&mut meta);
-    let mut meta_items: Vec<_> = meta.into_iter().collect();
-    meta_items.sort();
+    let meta_sum = metadata_checksum(&meta).hex();
+    meta.insert(META_CHECKSUM.to_string(), meta_sum);
 
-    // The header, by hand: {"__metadata__": {...}, "NAME": {"dtype", "shape", "data_offsets"}}.
-    let mut header = String::from("{\"__metadata__\":{");
-    let items: Vec<String> = meta_items
-        .iter()
-        .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
-        .collect();
-    header.push_str(&items.join(","));
-    header.push('}');
+    // The header: the crate's own types (it checks the offsets), written as sorted JSON.
     let mut offset = 0usize;
-    for (name, shape, t) in &tensors {
-        let bytes = std::mem::size_of_val(*t);
-        let shape: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        header.push_str(&format!(
-            ",{}:{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
-            json_string(name),
-            shape.join(","),
-            offset,
-            offset + bytes
-        ));
-        offset += bytes;
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
+    let infos: Vec<(String, TensorInfo)> = tensors
+        .iter()
+        .map(|(name, shape, t)| {
+            let bytes = std::mem::size_of_val(*t);
+            let info = TensorInfo {
+                dtype: Dtype::F32,
+                shape: shape.to_vec(),
+                data_offsets: (offset, offset + bytes),
+            };
+            offset += bytes;
+            (name.clone(), info)
+        })
+        .collect();
+    let header = Metadata::new(Some(meta), infos).map_err(|e| bad(e.to_string()))?;
+    let header = serde_json::to_value(&header).map_err(|e| bad(e.to_string()))?;
+    let mut header = sorted_json(header).to_string().into_bytes();
+    // Data aligned to 8 bytes, padded with spaces as the crate pads.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    if header.len() as u64 > MAX_HEADER {
+        return Err(bad(format!("header of {} bytes is too long", header.len())));
     }
 
     let tmp = temp_path(path);
@@ -316,7 +370,7 @@ pub fn save(path: &Path, snap: &Snapshot, state: &TrainState) -> CkResult<()> {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io_err(&tmp))?;
-        w.write_all(header.as_bytes()).map_err(io_err(&tmp))?;
+        w.write_all(&header).map_err(io_err(&tmp))?;
         for (_, _, t) in &tensors {
             w.write_all(bytemuck::cast_slice(t)).map_err(io_err(&tmp))?;
         }
@@ -339,8 +393,8 @@ pub fn save(path: &Path, snap: &Snapshot, state: &TrainState) -> CkResult<()> {
     Ok(())
 }
 
-/// A checkpoint read and verified (structure, checksum, version); tensors are copied out by
-/// [`Checkpoint::restore`].
+/// A checkpoint read and verified (structure, checksums, version, config, state); tensors are
+/// copied out by [`Checkpoint::restore`].
 #[derive(Debug)]
 pub struct Checkpoint {
     pub path: PathBuf,
@@ -358,50 +412,45 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> CheckpointError {
 
 /// Reads and verifies the checkpoint at `path`.
 pub fn load(path: &Path) -> CkResult<Checkpoint> {
-    let bytes = std::fs::read(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            CheckpointError::Missing {
-                path: path.to_path_buf(),
-            }
-        } else {
-            CheckpointError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => CheckpointError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
     })?;
+    from_bytes(path, bytes)
+}
+
+/// Verifies `bytes` as a checkpoint read from `path` (used in errors); what [`load`] does
+/// after reading the file. Any bytes give a checkpoint or a typed error, never a panic.
+pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> CkResult<Checkpoint> {
     let actual = bytes.len() as u64;
     let truncated = |expected: u64| CheckpointError::Truncated {
         path: path.to_path_buf(),
         expected,
         actual,
     };
-    if actual < 8 {
+    let Some(prefix) = bytes.first_chunk::<8>() else {
         return Err(truncated(8));
-    }
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&bytes[..8]);
-    let n = u64::from_le_bytes(n);
+    };
+    let n = u64::from_le_bytes(*prefix);
     if n > MAX_HEADER {
         return Err(corrupt(path, format!("header length {n} is implausible")));
     }
-    if actual < 8 + n {
+    let Some(header) = bytes.get(8..8 + n as usize) else {
         return Err(truncated(8 + n));
-    }
-    let header = std::str::from_utf8(&bytes[8..8 + n as usize])
-        .map_err(|_| corrupt(path, "header is not UTF-8"))?;
-    let json: serde_json::Value = serde_json::from_str(header)
-        .map_err(|e| corrupt(path, format!("header is not valid JSON: {e}")))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| corrupt(path, "header is not a JSON object"))?;
-    let data_len = obj
-        .iter()
-        .filter(|(k, _)| k.as_str() != "__metadata__")
-        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
-        .max()
-        .unwrap_or(0);
-    let expected = 8 + n + data_len;
+    };
+    let header = std::str::from_utf8(header).map_err(|_| corrupt(path, "header is not UTF-8"))?;
+    // The crate's header type checks every tensor's dtype, shape and offsets; the end of the
+    // last tensor tells a truncated file from one with bytes to spare.
+    let header: Metadata = serde_json::from_str(header)
+        .map_err(|e| corrupt(path, format!("header is not a safetensors header: {e}")))?;
+    let expected = (header.data_len() as u64)
+        .checked_add(8 + n)
+        .ok_or_else(|| corrupt(path, "tensor offsets overflow"))?;
     if actual < expected {
         return Err(truncated(expected));
     }
@@ -412,13 +461,28 @@ pub fn load(path: &Path) -> CkResult<Checkpoint> {
         ));
     }
     let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
-    let meta = meta
-        .metadata()
-        .clone()
-        .ok_or_else(|| corrupt(path, "no metadata"))?;
+    let not_ours = |what: &str| {
+        let mut names = st.names();
+        names.sort_unstable();
+        let example = names
+            .first()
+            .map_or(String::new(), |n| format!(", e.g. `{}`", n));
+        CheckpointError::NotReformer {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{what} (it holds {} tensors{example}); reformer checkpoints are written by \
+                 train_text",
+                names.len()
+            ),
+        }
+    };
+    let Some(meta) = header.metadata().clone() else {
+        return Err(not_ours("it has no metadata"));
+    };
     if meta.get("format").map(String::as_str) != Some(FORMAT_NAME) {
-        return Err(corrupt(path, "not a reformer checkpoint (no `format` tag)"));
+        return Err(not_ours(&format!(
+            "its metadata has no `format` = `{FORMAT_NAME}`"
+        )));
     }
     let version = meta.get("format_version").cloned().unwrap_or_default();
     if version != FORMAT_VERSION.to_string() {
@@ -437,18 +501,32 @@ pub fn load(path: &Path) -> CkResult<Checkpoint> {
         sum.update(view.data());
     }
     let want = meta.get("checksum").cloned().unwrap_or_default();
-    if want != format!("{:016x}", sum.0) {
+    if want != sum.hex() {
         return Err(corrupt(
             path,
-            format!("checksum mismatch (stored {want}, computed {:016x})", sum.0),
+            format!("checksum mismatch (stored {want}, computed {})", sum.hex()),
         ));
+    }
+    // Checkpoints written before the metadata checksum existed have none.
+    if let Some(want) = meta.get(META_CHECKSUM) {
+        let got = metadata_checksum(&meta).hex();
+        if *want != got {
+            return Err(corrupt(
+                path,
+                format!("metadata checksum mismatch (stored {want}, computed {got})"),
+            ));
+        }
     }
     let config_text = meta
         .get("config")
         .ok_or_else(|| corrupt(path, "metadata lacks the model config"))?;
     let config = ModelConfig::from_text(config_text)
         .map_err(|e| corrupt(path, format!("model config: {e}")))?;
+    check_tensors(&config, &st).map_err(|reason| corrupt(path, reason))?;
     let state = TrainState::from_metadata(&meta, path)?;
+    state
+        .check(&config)
+        .map_err(|reason| corrupt(path, reason))?;
     drop(st);
     Ok(Checkpoint {
         path: path.to_path_buf(),
@@ -456,6 +534,46 @@ pub fn load(path: &Path) -> CkResult<Checkpoint> {
         state,
         bytes,
     })
+}
+
+/// Checks that the file holds exactly the tensors the config's model has (names, F32,
+/// shapes; the config's sizes computed without overflow), so that a checkpoint that loads
+/// restores, and a config read from a file never makes the model allocate what the file does
+/// not hold.
+fn check_tensors(cfg: &ModelConfig, st: &SafeTensors) -> Result<(), String> {
+    let overflow = || format!("the model config's sizes overflow: {}", cfg.to_text());
+    // The products `param_specs` forms itself.
+    cfg.n_heads.checked_mul(cfg.d_head).ok_or_else(overflow)?;
+    cfg.d_model.checked_mul(2).ok_or_else(overflow)?;
+    let specs = param_specs(cfg);
+    let expected = 3 * specs.len();
+    if st.len() != expected {
+        return Err(format!(
+            "{} tensors stored, the model config's model has {expected} (parameters and \
+             Adam's two moments)",
+            st.len()
+        ));
+    }
+    for (i, (name, shape)) in specs.iter().enumerate() {
+        shape
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .ok_or_else(overflow)?;
+        for what in ["param", "adam.m", "adam.v"] {
+            let full = format!("{what}.{i:04}.{name}");
+            let view = st
+                .tensor(&full)
+                .map_err(|_| format!("tensor `{full}` is missing"))?;
+            if view.dtype() != Dtype::F32 || view.shape() != &shape[..] {
+                return Err(format!(
+                    "tensor `{full}` is {:?} {:?}, expected F32 {shape:?}",
+                    view.dtype(),
+                    view.shape(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Checkpoint {
@@ -480,7 +598,7 @@ impl Checkpoint {
             let view = st
                 .tensor(name)
                 .map_err(|_| corrupt(path, format!("tensor `{name}` is missing")))?;
-            if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape {
+            if view.dtype() != Dtype::F32 || view.shape() != shape {
                 return Err(corrupt(
                     path,
                     format!(

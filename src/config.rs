@@ -223,7 +223,7 @@ impl ModelConfig {
                 self.n_layers
             ));
         }
-        if self.axial_dims.0 + self.axial_dims.1 != self.d_model {
+        if self.axial_dims.0.checked_add(self.axial_dims.1) != Some(self.d_model) {
             return bad(format!(
                 "axial embedding widths {} + {} must sum to d_model {}",
                 self.axial_dims.0, self.axial_dims.1, self.d_model

@@ -15,9 +15,12 @@
 //! * [`checkpoint`]: atomic safetensors checkpoints with typed load errors.
 //! * [`generate`]: temperature / top-k sampling.
 //! * [`train`]: the training loop, evaluation, save and resume.
+//! * [`cli`]: what the command-line tools share: flag checks naming flag, value and range,
+//!   output a closed pipe cannot crash, run folders that are not overwritten, metrics rows.
 
 pub mod backend;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -2,6 +2,8 @@
 //! seed, restores the model's training rounds, and refuses bad input with typed errors.
 
 use reformer::generate::sample_byte;
+use std::ops::ControlFlow;
+
 use reformer::{generate, CpuBackend, ModelConfig, ReformerError, ReformerLm, SampleOptions};
 use reformer_engine::{MemoryPool, Rng};
 
@@ -45,20 +47,33 @@ fn generation_is_seeded_and_restores_rounds() {
         seed: 42,
     };
     let mut streamed = Vec::new();
-    let a = generate(&mut model, b"the ", 20, &opts, |b| streamed.push(b)).unwrap();
-    let b = generate(&mut model, b"the ", 20, &opts, |_| {}).unwrap();
+    let a = generate(&mut model, b"the ", 20, &opts, |b| {
+        streamed.push(b);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let b = generate(
+        &mut model,
+        b"the ",
+        20,
+        &opts,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
     assert_eq!(a.len(), 20);
     assert_eq!(a, b);
     assert_eq!(a, streamed);
     assert_eq!(model.rounds(), 1);
     assert!(matches!(
-        generate(&mut model, b"", 5, &opts, |_| {}),
+        generate(&mut model, b"", 5, &opts, |_| ControlFlow::Continue(())),
         Err(ReformerError::InvalidArgument(_))
     ));
     // A context longer than the axial capacity (256 for tiny) keeps its last 256 bytes.
     let long = vec![b'x'; 300];
     assert_eq!(
-        generate(&mut model, &long, 2, &opts, |_| {}).unwrap().len(),
+        generate(&mut model, &long, 2, &opts, |_| ControlFlow::Continue(()))
+            .unwrap()
+            .len(),
         2
     );
     assert!(matches!(

@@ -56,7 +56,8 @@ impl Buckets {
                 "bucket counts must be 1 or even per factor, got {self:?}"
             )));
         }
-        if self.total() > u32::MAX as usize / 2 {
+        let total = f.iter().try_fold(1usize, |t, &b| t.checked_mul(b));
+        if total.is_none_or(|t| t > u32::MAX as usize / 2) {
             return Err(AttentionError::Config(format!(
                 "too many buckets: {self:?}"
             )));

@@ -28,6 +28,9 @@ use super::{
 use crate::error::{ReformerError, Result};
 use crate::optim::{AdamCoefficients, AdamConfig};
 
+/// Elements per parallel task of the element-wise ops.
+const BLOCK: usize = 1 << 14;
+
 /// The CPU backend: buffers from `pool`.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
@@ -500,9 +503,17 @@ impl Backend for CpuBackend {
     }
 
     fn sum_squares(&self, bufs: &[&Tensor]) -> Result<f64> {
+        // Fixed blocks summed in parallel, then in order: the same total on any thread count.
         Ok(bufs
             .iter()
-            .map(|b| b.data().iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+            .map(|b| {
+                let parts: Vec<f64> = b
+                    .data()
+                    .par_chunks(BLOCK)
+                    .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+                    .collect();
+                parts.iter().sum::<f64>()
+            })
             .sum())
     }
 
@@ -526,12 +537,14 @@ impl Backend for CpuBackend {
             eps: hp.eps,
             clip_norm: None,
         };
-        AdamCoefficients::new(&cfg, hp.lr, hp.step, hp.clip).apply(
-            param.data_mut(),
-            grad.data(),
-            m.data_mut(),
-            v.data_mut(),
-        );
+        let k = AdamCoefficients::new(&cfg, hp.lr, hp.step, hp.clip);
+        param
+            .data_mut()
+            .par_chunks_mut(BLOCK)
+            .zip(grad.data().par_chunks(BLOCK))
+            .zip(m.data_mut().par_chunks_mut(BLOCK))
+            .zip(v.data_mut().par_chunks_mut(BLOCK))
+            .for_each(|(((w, g), m), v)| k.apply(w, g, m, v));
         Ok(())
     }
 

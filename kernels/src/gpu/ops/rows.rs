@@ -320,8 +320,14 @@ pub fn dropout_rows(
 /// CPU twins of the wrappers, on slices: the same results bit for bit, no GPU needed. They
 /// panic (like slice indexing) where the wrappers return an argument error.
 pub mod host {
+    use rayon::prelude::*;
+
     use super::{column_sum_parts, Strided};
     use crate::gpu::ActElem;
+
+    /// Elements per parallel task of the element-wise twins (results do not depend on it: each
+    /// element is computed alone).
+    const PAR_BLOCK: usize = 1 << 14;
 
     /// The twin of [`super::copy2d`]: `dst(r, c) = narrow(accumulate ? widen(dst(r, c)) +
     /// alpha·widen(src(r, c)) : alpha·widen(src(r, c)))`, the product and the sum rounded in
@@ -339,15 +345,37 @@ pub mod host {
         alpha: f32,
         accumulate: bool,
     ) {
-        if cols == 0 {
+        if cols == 0 || rows == 0 {
             return;
         }
-        for r in 0..rows {
-            let sr = &src[s.offset + r * s.ld..][..cols];
-            let dr = &mut dst[d.offset + r * d.ld..][..cols];
-            for (o, &x) in dr.iter_mut().zip(sr) {
-                let v = alpha * x.widen();
-                *o = D::narrow(if accumulate { o.widen() + v } else { v });
+        let row = |dr: &mut [D], sr: &[S]| {
+            if accumulate {
+                for (o, &x) in dr.iter_mut().zip(sr) {
+                    *o = D::narrow(o.widen() + alpha * x.widen());
+                }
+            } else {
+                for (o, &x) in dr.iter_mut().zip(sr) {
+                    *o = D::narrow(alpha * x.widen());
+                }
+            }
+        };
+        let sv = &src[s.offset..];
+        let dv = &mut dst[d.offset..];
+        if rows == 1 {
+            // One long row (a whole buffer): blocks of it in parallel.
+            let (dr, sr) = (&mut dv[..cols], &sv[..cols]);
+            dr.par_chunks_mut(PAR_BLOCK)
+                .zip(sr.par_chunks(PAR_BLOCK))
+                .for_each(|(o, x)| row(o, x));
+        } else if rows * cols >= PAR_BLOCK && d.ld >= cols {
+            // Rows in parallel: each row of `dst` is its own slice (rows do not overlap).
+            dv[..(rows - 1) * d.ld + cols]
+                .par_chunks_mut(d.ld)
+                .enumerate()
+                .for_each(|(r, dr)| row(&mut dr[..cols], &sv[r * s.ld..][..cols]));
+        } else {
+            for r in 0..rows {
+                row(&mut dv[r * d.ld..][..cols], &sv[r * s.ld..][..cols]);
             }
         }
     }
@@ -358,11 +386,15 @@ pub mod host {
             return;
         }
         let bias = &bias[..cols];
-        for row in x[..rows * cols].chunks_exact_mut(cols) {
-            for (v, &b) in row.iter_mut().zip(bias) {
-                *v += b;
-            }
-        }
+        x[..rows * cols]
+            .par_chunks_mut(cols * (PAR_BLOCK / cols).max(1))
+            .for_each(|block| {
+                for row in block.chunks_exact_mut(cols) {
+                    for (v, &b) in row.iter_mut().zip(bias) {
+                        *v += b;
+                    }
+                }
+            });
     }
 
     /// `out[c] = (accumulate ? out[c] : 0) + Σ_r x[r, c]`, in the kernels' order: f64 sums of
@@ -372,39 +404,54 @@ pub mod host {
             return;
         }
         let x = &x[..rows * cols];
-        let out = &mut out[..cols];
         let (_, per) = column_sum_parts(rows);
-        let mut total = vec![0.0f64; cols];
-        let mut part = vec![0.0f64; cols];
-        for block in x.chunks(per * cols) {
-            part.fill(0.0);
-            for row in block.chunks_exact(cols) {
-                for (p, &v) in part.iter_mut().zip(row) {
-                    *p += v as f64;
+        // Blocks of columns in parallel; each column's sums keep the kernel's order.
+        const COLS: usize = 16;
+        out[..cols]
+            .par_chunks_mut(COLS)
+            .enumerate()
+            .for_each(|(cb, out)| {
+                let c0 = cb * COLS;
+                let w = out.len();
+                let mut total = [0.0f64; COLS];
+                let mut part = [0.0f64; COLS];
+                for block in x.chunks(per * cols) {
+                    part.fill(0.0);
+                    for row in block.chunks_exact(cols) {
+                        for (p, &v) in part.iter_mut().zip(&row[c0..c0 + w]) {
+                            *p += v as f64;
+                        }
+                    }
+                    for (t, &p) in total.iter_mut().zip(&part) {
+                        *t += p;
+                    }
                 }
-            }
-            for (t, &p) in total.iter_mut().zip(&part) {
-                *t += p;
-            }
-        }
-        for (o, &t) in out.iter_mut().zip(&total) {
-            let t = t as f32;
-            *o = if accumulate { *o + t } else { t };
-        }
+                for (o, &t) in out.iter_mut().zip(&total) {
+                    let t = t as f32;
+                    *o = if accumulate { *o + t } else { t };
+                }
+            });
     }
 
     /// `x[i] = x[i] > 0 ? x[i] : 0` for `i < n`.
     pub fn relu_in_place(x: &mut [f32], n: usize) {
-        for v in &mut x[..n] {
-            *v = if *v > 0.0 { *v } else { 0.0 };
-        }
+        x[..n].par_chunks_mut(PAR_BLOCK).for_each(|x| {
+            for v in x {
+                *v = if *v > 0.0 { *v } else { 0.0 };
+            }
+        });
     }
 
     /// `g[i] = h[i] > 0 ? g[i] : 0` for `i < n`.
     pub fn relu_mask_in_place(h: &[f32], g: &mut [f32], n: usize) {
-        for (g, &h) in g[..n].iter_mut().zip(&h[..n]) {
-            *g = if h > 0.0 { *g } else { 0.0 };
-        }
+        g[..n]
+            .par_chunks_mut(PAR_BLOCK)
+            .zip(h[..n].par_chunks(PAR_BLOCK))
+            .for_each(|(g, h)| {
+                for (g, &h) in g.iter_mut().zip(h) {
+                    *g = if h > 0.0 { *g } else { 0.0 };
+                }
+            });
     }
 
     /// `1 / (1 − rate)` in f32, as `reformer_reversible::Dropout` computes it.
@@ -463,16 +510,19 @@ pub mod host {
             return;
         }
         let scale = dropout_scale(rate);
-        for (r, row) in x[..rows * cols].chunks_exact_mut(cols).enumerate() {
-            let mut s = fork_state(s0, s3, first_row.wrapping_add(r as u64));
-            for v in row {
-                *v = if uniform(&mut s) < rate {
-                    0.0
-                } else {
-                    *v * scale
-                };
-            }
-        }
+        x[..rows * cols]
+            .par_chunks_exact_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let mut s = fork_state(s0, s3, first_row.wrapping_add(r as u64));
+                for v in row {
+                    *v = if uniform(&mut s) < rate {
+                        0.0
+                    } else {
+                        *v * scale
+                    };
+                }
+            });
     }
 }
 
