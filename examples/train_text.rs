@@ -587,7 +587,7 @@ fn run(args: &Args, m: &ArgMatches) -> AnyResult<()> {
         .into());
     }
 
-    if let Some(micro) = args.micro_batch.filter(|m| args.batch % m != 0) {
+    if let Some(micro) = args.micro_batch.filter(|m| !args.batch.is_multiple_of(*m)) {
         return Err(CliError::flag(
             "--micro-batch",
             micro,

@@ -88,7 +88,7 @@ impl<B: Backend> Trainer<B> {
     /// Sets the windows per forward pass: a divisor of `batch` (every pass weighs alike in
     /// the step's mean).
     pub fn with_micro_batch(mut self, micro_batch: usize) -> Result<Self> {
-        if micro_batch == 0 || self.batch % micro_batch != 0 {
+        if micro_batch == 0 || !self.batch.is_multiple_of(micro_batch) {
             return Err(ReformerError::InvalidArgument(format!(
                 "{micro_batch} windows per forward pass do not divide the {} windows of a step",
                 self.batch
