@@ -131,7 +131,7 @@ impl Backend for CpuBackend {
     type Mask = Vec<bool>;
 
     fn describe(&self) -> String {
-        "cpu (host backend)".into()
+        format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
     fn act_dtype(&self) -> DType {
