@@ -11,12 +11,6 @@ pub enum ReversibleError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Attention(#[from] AttentionError),
-    #[error("shape mismatch in {op}: got {got:?}, expected {expected:?}")]
-    Shape {
-        op: &'static str,
-        got: Vec<usize>,
-        expected: Vec<usize>,
-    },
     #[error("invalid layer configuration: {0}")]
     Config(String),
 }

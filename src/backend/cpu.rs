@@ -22,8 +22,8 @@ use reformer_reversible::layer_norm::{backward_row_add, normalize_row, row_stats
 use reformer_reversible::Dropout;
 
 use super::{
-    check_act_dtype, AdamHp, AttnCall, AxialTables, Backend, ExactForward, HeadShape, LocalForward,
-    LshForward, Strided,
+    check_act_dtype, key_mask_rows, AdamHp, AttnCall, AxialTables, Backend, ExactForward,
+    HeadShape, LocalForward, LshForward, Strided,
 };
 use crate::error::{ReformerError, Result};
 use crate::optim::{AdamCoefficients, AdamConfig};
@@ -559,10 +559,7 @@ impl Backend for CpuBackend {
         rot: &Rotations,
         call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, LshSaved)> {
-        let cfg = LshConfig {
-            chunk_len: call.chunk,
-            causal: call.causal,
-        };
+        let cfg = lsh_config(call);
         let (qk, v) = (shaped(qk, call.shape)?, shaped(v, call.shape)?);
         let (out, saved) = lsh_attention_forward(qk, v, rot, &cfg, mask(call))?;
         Ok((self.store_out(out), saved))
@@ -575,10 +572,7 @@ impl Backend for CpuBackend {
         rot: &Rotations,
         call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, Tensor)> {
-        let cfg = LshConfig {
-            chunk_len: call.chunk,
-            causal: call.causal,
-        };
+        let cfg = lsh_config(call);
         let [qk, v, out, d_out] = [fwd.qk, fwd.v, fwd.out, d_out].map(|t| shaped(t, call.shape));
         Ok(lsh_attention_backward(
             qk?,
@@ -599,10 +593,7 @@ impl Backend for CpuBackend {
         v: &Tensor,
         call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, Tensor)> {
-        let cfg = LocalConfig {
-            chunk_len: call.chunk,
-            causal: call.causal,
-        };
+        let cfg = local_config(call);
         let [q, k, v] = [q, k, v].map(|t| shaped(t, call.shape));
         let (out, lse) = local_attention_forward(q?, k?, v?, &cfg, mask(call))?;
         self.single_pass_out(out, &lse)
@@ -614,10 +605,7 @@ impl Backend for CpuBackend {
         d_out: &Tensor,
         call: &AttnCall<'_, Vec<bool>>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let cfg = LocalConfig {
-            chunk_len: call.chunk,
-            causal: call.causal,
-        };
+        let cfg = local_config(call);
         let [q, k, v, out, d_out] =
             [fwd.q, fwd.k, fwd.v, fwd.out, d_out].map(|t| shaped(t, call.shape));
         Ok(local_attention_backward(
@@ -672,17 +660,22 @@ impl Backend for CpuBackend {
     }
 }
 
-/// The key mask of a batch's head-layout rows (see [`Backend::key_mask`]): `[lens.len() ·
-/// heads, len]`, true where a key is real. The plan counts no bytes for it: it lives outside
-/// the pool, like the rest of the CPU's host-side bookkeeping.
-pub fn key_mask_rows(lens: &[usize], heads: usize, len: usize) -> Vec<bool> {
-    lens.iter()
-        .flat_map(|&l| (0..heads).flat_map(move |_| (0..len).map(move |p| p < l)))
-        .collect()
-}
-
 fn mask<'a>(call: &AttnCall<'a, Vec<bool>>) -> Option<&'a [bool]> {
     call.mask.map(|m| m.as_slice())
+}
+
+fn lsh_config(call: &AttnCall<'_, Vec<bool>>) -> LshConfig {
+    LshConfig {
+        chunk_len: call.chunk,
+        causal: call.causal,
+    }
+}
+
+fn local_config(call: &AttnCall<'_, Vec<bool>>) -> LocalConfig {
+    LocalConfig {
+        chunk_len: call.chunk,
+        causal: call.causal,
+    }
 }
 
 /// One row's cross-entropy `logsumexp(row) − row[target]`; the row becomes its gradient

@@ -505,7 +505,7 @@ impl Backend for CudaBackend {
     fn key_mask(&self, lens: &[usize], heads: usize, len: usize) -> Result<DeviceBuffer<u8>> {
         Ok(self
             .ctx
-            .upload_mask(&super::cpu::key_mask_rows(lens, heads, len))?)
+            .upload_mask(&super::key_mask_rows(lens, heads, len))?)
     }
 
     fn lsh_forward(
@@ -549,10 +549,7 @@ impl Backend for CudaBackend {
         v: &ActBuf,
         call: &AttnCall<'_, DeviceBuffer<u8>>,
     ) -> Result<(ActBuf, Buf)> {
-        let cfg = GpuLocalConfig {
-            chunk_len: call.chunk,
-            causal: call.causal,
-        };
+        let cfg = local_config(call);
         let d = dims(call.shape);
         // The kernel stores the output in the activations' dtype itself (no f32 copy).
         Ok(with_acts!((q, kk, v) => {
@@ -567,10 +564,7 @@ impl Backend for CudaBackend {
         d_out: &ActBuf,
         call: &AttnCall<'_, DeviceBuffer<u8>>,
     ) -> Result<(Buf, Buf, Buf)> {
-        let cfg = GpuLocalConfig {
-            chunk_len: call.chunk,
-            causal: call.causal,
-        };
+        let cfg = local_config(call);
         let LocalForward {
             q,
             k: kk,
@@ -631,5 +625,12 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         Ok(self.ctx.synchronize()?)
+    }
+}
+
+fn local_config(call: &AttnCall<'_, DeviceBuffer<u8>>) -> GpuLocalConfig {
+    GpuLocalConfig {
+        chunk_len: call.chunk,
+        causal: call.causal,
     }
 }

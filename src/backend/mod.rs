@@ -129,6 +129,15 @@ pub struct ExactForward<'a, B: Backend + ?Sized> {
     pub lse: &'a B::Buf,
 }
 
+/// The key mask of a batch's head-layout rows (see [`Backend::key_mask`]): `[lens.len() ·
+/// heads, len]`, true where a key is real. Every backend builds its mask from it (the CPU keeps
+/// it on the host, outside the pool; CUDA uploads it).
+pub fn key_mask_rows(lens: &[usize], heads: usize, len: usize) -> Vec<bool> {
+    lens.iter()
+        .flat_map(|&l| (0..heads).flat_map(move |_| (0..len).map(move |p| p < l)))
+        .collect()
+}
+
 /// The device operations the model is written against.
 pub trait Backend {
     /// A flat `f32` buffer on the device.
