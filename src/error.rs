@@ -34,6 +34,12 @@ pub enum ReformerError {
         value: f32,
         step: u64,
     },
+    #[error("decoding needs {needed} positions but its caches hold {capacity}: start decoding with a larger capacity (the model serves at most {max_len}), or keep only the last bytes of the context")]
+    DecodeCapacity {
+        needed: usize,
+        capacity: usize,
+        max_len: usize,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 }

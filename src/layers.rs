@@ -93,7 +93,7 @@ impl Seqs {
 }
 
 /// Copies rows `r0..r0 + rows` of a `width`-wide buffer into the top of `dst`.
-fn rows_in<B: Backend>(
+pub(crate) fn rows_in<B: Backend>(
     b: &B,
     src: &B::Buf,
     dst: &mut B::Buf,
@@ -115,7 +115,7 @@ fn rows_in<B: Backend>(
 
 /// `dst[r0.., :] (+)= alpha · src[..rows, :]` for a `width`-wide `dst`.
 #[allow(clippy::too_many_arguments)]
-fn rows_out<B: Backend>(
+pub(crate) fn rows_out<B: Backend>(
     b: &B,
     src: &B::Buf,
     dst: &mut B::Buf,
@@ -139,15 +139,15 @@ fn rows_out<B: Backend>(
 
 /// A block of rows of a sublayer's input with its layer norm: the rows, `LN` of them, and the
 /// per-row statistics the backward reads. Every sublayer normalises its input this way.
-struct LnBlock<B: Backend> {
+pub(crate) struct LnBlock<B: Backend> {
     xs: B::Buf,
-    ln: B::Buf,
+    pub(crate) ln: B::Buf,
     mean: B::Buf,
     rstd: B::Buf,
 }
 
 impl<B: Backend> LnBlock<B> {
-    fn new(b: &B, rows: usize, d: usize) -> Result<Self> {
+    pub(crate) fn new(b: &B, rows: usize, d: usize) -> Result<Self> {
         Ok(Self {
             xs: b.alloc(&[rows, d])?,
             ln: b.alloc(&[rows, d])?,
@@ -158,7 +158,7 @@ impl<B: Backend> LnBlock<B> {
 
     /// Rows `r0..r0 + c` of `x` (width `d`) and their layer norm with gain and bias `(g, beta)`.
     #[allow(clippy::too_many_arguments)]
-    fn load(
+    pub(crate) fn load(
         &mut self,
         b: &B,
         vals: &[B::Buf],
@@ -355,7 +355,7 @@ impl AttnLayer {
         })
     }
 
-    fn width(&self) -> usize {
+    pub(crate) fn width(&self) -> usize {
         self.cfg.n_heads * self.cfg.d_head
     }
 

@@ -33,17 +33,17 @@ struct AdamState<B: Backend> {
 
 /// The language model on a backend.
 pub struct ReformerLm<B: Backend> {
-    backend: B,
-    cfg: ModelConfig,
+    pub(crate) backend: B,
+    pub(crate) cfg: ModelConfig,
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
-    values: Vec<B::Buf>,
+    pub(crate) values: Vec<B::Buf>,
     grads: Vec<B::Buf>,
     adam: Option<AdamState<B>>,
-    tokens: usize,
-    axial: (usize, usize),
-    tables: AxialTables,
-    layers: Vec<(AttnLayer, FfLayer)>,
+    pub(crate) tokens: usize,
+    pub(crate) axial: (usize, usize),
+    pub(crate) tables: AxialTables,
+    pub(crate) layers: Vec<(AttnLayer, FfLayer)>,
     head_ln: (usize, usize),
     head_w: usize,
     head_b: usize,
@@ -360,7 +360,7 @@ impl<B: Backend> ReformerLm<B> {
             .collect()
     }
 
-    fn check_len(&self, len: usize) -> Result<()> {
+    pub(crate) fn check_len(&self, len: usize) -> Result<()> {
         if len == 0 || len > self.cfg.max_len() {
             return Err(ReformerError::Length {
                 len,
@@ -413,10 +413,10 @@ impl<B: Backend> ReformerLm<B> {
         b.embed(inputs, &self.values[self.tokens], &mut x, d)?;
         let (e1, e2) = (&self.values[self.axial.0], &self.values[self.axial.1]);
         if seqs.count() == 1 {
-            b.axial_forward_add(e1, e2, &mut x, len, self.tables)?;
+            b.axial_forward_add(e1, e2, &mut x, 0, len, self.tables)?;
         } else {
             let mut pos = b.zeros(&[len, d])?;
-            b.axial_forward_add(e1, e2, &mut pos, len, self.tables)?;
+            b.axial_forward_add(e1, e2, &mut pos, 0, len, self.tables)?;
             for s in 0..seqs.count() {
                 let at = Strided::new(s * len * d, len * d);
                 b.copy2d(
@@ -550,7 +550,7 @@ impl<B: Backend> ReformerLm<B> {
 
     /// The head's forward over rows `start..start + rows` of `(Y1, Y2)`: `hs.logits` holds
     /// their logits (before the loss).
-    fn head_forward(
+    pub(crate) fn head_forward(
         &self,
         hs: &mut HeadRows<B>,
         y1: &B::Buf,
@@ -811,16 +811,16 @@ impl<B: Backend> ReformerLm<B> {
 
 /// Scratch of the head over a block of rows: `concat(Y1, Y2)`, its layer norm and statistics,
 /// the logits.
-struct HeadRows<B: Backend> {
+pub(crate) struct HeadRows<B: Backend> {
     h: B::Buf,
     hn: B::Buf,
     mean: B::Buf,
     rstd: B::Buf,
-    logits: B::Buf,
+    pub(crate) logits: B::Buf,
 }
 
 impl<B: Backend> HeadRows<B> {
-    fn new(b: &B, rows: usize, width: usize) -> Result<Self> {
+    pub(crate) fn new(b: &B, rows: usize, width: usize) -> Result<Self> {
         Ok(Self {
             h: b.alloc(&[rows, width])?,
             hn: b.alloc(&[rows, width])?,

@@ -370,6 +370,7 @@ fn axial_positions_forward_and_backward_match_the_host() {
         &up(&ctx, &e1),
         &up(&ctx, &e2),
         &mut od,
+        0,
         n,
         shape,
         false,
@@ -389,6 +390,7 @@ fn axial_positions_forward_and_backward_match_the_host() {
         &up(&ctx, &e1),
         &up(&ctx, &e2),
         &mut od,
+        0,
         129,
         shape,
         false

@@ -149,6 +149,34 @@ impl Rotations {
     }
 }
 
+impl Rotations {
+    /// Buckets of `rows` rows in model layout (`[rows, heads·d]`), every head and round:
+    /// `[heads, rounds, rows]`.
+    pub fn hash_heads(&self, x: &[f32], rows: usize, heads: usize) -> Result<Vec<u32>> {
+        let d = self.d;
+        if x.len() < rows * heads * d {
+            return Err(AttentionError::Shape {
+                op: "Rotations::hash_heads",
+                got: vec![x.len()],
+                expected: vec![rows, heads, d],
+            });
+        }
+        let mut out = vec![0u32; heads * self.n_rounds * rows];
+        let (mut head_rows, mut proj) = (vec![0.0f32; rows * d], Vec::new());
+        for h in 0..heads {
+            for (i, row) in head_rows.chunks_exact_mut(d).enumerate() {
+                let at = (i * heads + h) * d;
+                row.copy_from_slice(&x[at..at + d]);
+            }
+            for r in 0..self.n_rounds {
+                let at = (h * self.n_rounds + r) * rows;
+                self.hash_round(&head_rows, r, &mut out[at..at + rows], &mut proj);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// `argmax([p ; −p])`: index in `[0, 2·len)`, the first on ties; 0 for an empty `p`.
 pub fn argmax_signed(p: &[f32]) -> u32 {
     let (mut best, mut arg) = (f32::NEG_INFINITY, 0u32);

@@ -8,6 +8,8 @@
 
 mod banded;
 pub mod block;
+pub mod bucket_index;
+pub mod cached_attention;
 pub mod error;
 pub mod exact_attention;
 pub mod hash;
@@ -18,6 +20,8 @@ pub mod lsh_attention;
 pub mod sort;
 
 pub use block::ScoreRule;
+pub use bucket_index::{insert_and_list, BucketIndex};
+pub use cached_attention::{cached_attention, CachedAttention, CachedKeys, NO_KEY};
 pub use error::{AttentionError, Result};
 pub use exact_attention::{
     exact_attention_backward, exact_attention_forward, exact_attention_reference,

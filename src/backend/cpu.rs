@@ -16,7 +16,7 @@ use reformer_kernels::gpu::ops::rows::host as twins;
 use reformer_lsh::{
     exact_attention_backward, exact_attention_forward, local_attention_backward,
     local_attention_forward, lsh_attention_backward, lsh_attention_forward, shared_qk_grad,
-    shared_qk_rule, unit_keys, LocalConfig, LshConfig, LshSaved, Rotations,
+    shared_qk_rule, unit_keys, CachedAttention, LocalConfig, LshConfig, LshSaved, Rotations,
 };
 use reformer_reversible::layer_norm::{backward_row_add, normalize_row, row_stats};
 use reformer_reversible::Dropout;
@@ -436,19 +436,22 @@ impl Backend for CpuBackend {
         e1: &Tensor,
         e2: &Tensor,
         out: &mut Tensor,
+        first: usize,
         n: usize,
         t: AxialTables,
     ) -> Result<()> {
         let dim = t.d1 + t.d2;
         need("axial", "out", out.numel(), n * dim)?;
-        if n > t.a1 * t.a2 {
+        if first + n > t.a1 * t.a2 {
             return Err(bad(format!(
-                "axial: {n} positions, capacity {}",
+                "axial: positions {first}..{}, capacity {}",
+                first + n,
                 t.a1 * t.a2
             )));
         }
         let (e1, e2) = (e1.data(), e2.data());
-        for (p, row) in out.data_mut()[..n * dim].chunks_mut(dim).enumerate() {
+        for (i, row) in out.data_mut()[..n * dim].chunks_mut(dim).enumerate() {
+            let p = first + i;
             let (i, j) = (p / t.a2, p % t.a2);
             for (y, &v) in row[..t.d1].iter_mut().zip(&e1[i * t.d1..(i + 1) * t.d1]) {
                 *y += v;
@@ -653,6 +656,36 @@ impl Backend for CpuBackend {
             mask(call),
         )?;
         Ok((shared_qk_grad(qk, d_q, &d_k), d_v))
+    }
+
+    fn cached_attention(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        q_pos: &[u32],
+        a: &CachedAttention<'_>,
+    ) -> Result<Tensor> {
+        let mut out = self.alloc(&[q_pos.len(), a.heads * a.d])?;
+        reformer_lsh::cached_attention(
+            q.data(),
+            q_pos,
+            k_cache.data(),
+            v_cache.data(),
+            a,
+            out.data_mut(),
+        )?;
+        Ok(out)
+    }
+
+    fn lsh_buckets(
+        &self,
+        qk: &Tensor,
+        rows: usize,
+        heads: usize,
+        rot: &Rotations,
+    ) -> Result<Vec<u32>> {
+        Ok(rot.hash_heads(qk.data(), rows, heads)?)
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -12,7 +12,7 @@ use reformer_kernels::gpu::ops::reduce_adam::{self, AdamStep};
 use reformer_kernels::gpu::ops::rows;
 use reformer_kernels::gpu::ops::{elementwise, matmul, softmax_xent};
 use reformer_kernels::gpu::{bf16, ActElem, DeviceBuffer, GpuContext};
-use reformer_lsh::{Buckets, Rotations};
+use reformer_lsh::{Buckets, CachedAttention, Rotations};
 use reformer_reversible::layer_norm::LN_EPS;
 use reformer_reversible::Dropout;
 
@@ -419,6 +419,7 @@ impl Backend for CudaBackend {
         e1: &Buf,
         e2: &Buf,
         out: &mut Buf,
+        first: usize,
         n: usize,
         t: AxialTables,
     ) -> Result<()> {
@@ -429,7 +430,7 @@ impl Backend for CudaBackend {
             d2: t.d2,
         };
         Ok(embedding::axial_forward(
-            &self.ctx, e1, e2, out, n, shape, true,
+            &self.ctx, e1, e2, out, first, n, shape, true,
         )?)
     }
 
@@ -621,6 +622,29 @@ impl Backend for CudaBackend {
             call.causal,
             call.mask,
         )?))
+    }
+
+    fn cached_attention(
+        &self,
+        _q: &ActBuf,
+        _k_cache: &ActBuf,
+        _v_cache: &ActBuf,
+        _q_pos: &[u32],
+        _a: &CachedAttention<'_>,
+    ) -> Result<Buf> {
+        Err(ReformerError::InvalidArgument("TODO".into()))
+    }
+
+    fn lsh_buckets(
+        &self,
+        qk: &ActBuf,
+        rows: usize,
+        heads: usize,
+        rot: &Rotations,
+    ) -> Result<Vec<u32>> {
+        // The new rows are few per step (a prefill block at most): hashed on the host.
+        let host = self.download_act(qk)?;
+        Ok(rot.hash_heads(&host, rows, heads)?)
     }
 
     fn synchronize(&self) -> Result<()> {

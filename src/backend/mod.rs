@@ -33,7 +33,7 @@ pub use cuda::{ActBuf, CudaBackend};
 pub use plan::{human_bytes, MemoryPlan, PlanBackend, PlanTarget};
 pub use select::{select, DeviceRequest, Runner};
 
-use reformer_lsh::Rotations;
+use reformer_lsh::{CachedAttention, Rotations};
 use reformer_reversible::Dropout;
 
 use crate::error::{ReformerError, Result};
@@ -294,12 +294,14 @@ pub trait Backend {
         dtable: &mut Self::Buf,
         dim: usize,
     ) -> Result<()>;
-    /// `out[p, :] += concat(e1[p / a2], e2[p % a2])` for `p < n`.
+    /// `out[i, :] += concat(e1[p / a2], e2[p % a2])`, `p = first + i`, for `i < n`.
+    #[allow(clippy::too_many_arguments)]
     fn axial_forward_add(
         &self,
         e1: &Self::Buf,
         e2: &Self::Buf,
         out: &mut Self::Buf,
+        first: usize,
         n: usize,
         t: AxialTables,
     ) -> Result<()>;
@@ -387,6 +389,29 @@ pub trait Backend {
         d_out: &Self::Act,
         call: &AttnCall<'_, Self::Mask>,
     ) -> Result<(Self::Buf, Self::Buf)>;
+
+    /// Decoding: attention of `q_pos.len()` new queries `q` (`[queries, heads·d]`, model
+    /// layout) against cached keys and values (`[cache_rows, heads·d]`; position `p` in row
+    /// `p % cache_rows`), each query seeing the positions `a.keys` lists. Returns the output
+    /// `[queries, heads·d]` in f32 (see `reformer_lsh::cached_attention`, the CPU twin).
+    fn cached_attention(
+        &self,
+        q: &Self::Act,
+        k_cache: &Self::Act,
+        v_cache: &Self::Act,
+        q_pos: &[u32],
+        a: &CachedAttention<'_>,
+    ) -> Result<Self::Buf>;
+
+    /// Decoding: the LSH buckets of `rows` rows of `qk` (`[rows, heads·rot.d]`, model layout),
+    /// every head and round, on the host: `[heads, rounds, rows]`.
+    fn lsh_buckets(
+        &self,
+        qk: &Self::Act,
+        rows: usize,
+        heads: usize,
+        rot: &Rotations,
+    ) -> Result<Vec<u32>>;
 
     /// Names the phase of the step the next allocations belong to (the dry-run planner
     /// reports where the peak arises; the other backends ignore it).

@@ -37,7 +37,7 @@ use reformer_kernels::gpu::ops::layer_norm::param_parts;
 use reformer_kernels::gpu::ops::reduce_adam::MAX_PARTIALS;
 use reformer_kernels::gpu::ops::rows::column_sum_parts;
 use reformer_lsh::exact_attention::EXACT_BLOCK;
-use reformer_lsh::Rotations;
+use reformer_lsh::{CachedAttention, Rotations};
 use reformer_reversible::Dropout;
 
 use super::{
@@ -635,6 +635,7 @@ impl Backend for PlanBackend {
         _e1: &PlanBuf,
         _e2: &PlanBuf,
         _out: &mut PlanBuf,
+        _first: usize,
         _n: usize,
         _t: AxialTables,
     ) -> Result<()> {
@@ -827,6 +828,29 @@ impl Backend for PlanBackend {
         }
         let _delta = self.f32s("delta", s.heads * s.len);
         Ok((self.heads("d_qk", s), self.heads("d_v", s)))
+    }
+
+    fn cached_attention(
+        &self,
+        _q: &PlanBuf,
+        _k_cache: &PlanBuf,
+        _v_cache: &PlanBuf,
+        q_pos: &[u32],
+        a: &CachedAttention<'_>,
+    ) -> Result<PlanBuf> {
+        // The kernel keeps its tiles in registers and shared memory (CUDA) or per-thread
+        // scratch of a few KiB (CPU): only the output is a buffer.
+        self.alloc(&[q_pos.len(), a.heads * a.d])
+    }
+
+    fn lsh_buckets(
+        &self,
+        _qk: &PlanBuf,
+        rows: usize,
+        heads: usize,
+        rot: &Rotations,
+    ) -> Result<Vec<u32>> {
+        Ok(vec![0; heads * rot.n_rounds * rows])
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -268,6 +268,19 @@ fn lsh_pattern(qk: &[f64], dh: usize, rot: &Rotations, chunk: usize, causal: boo
     p
 }
 
+/// The decoder's LSH pattern (`src/decode.rs`): row `i` is the last row of [`lsh_pattern`] over
+/// the prefix `0..=i` alone — what a query sees when it is decoded after positions `0..i`.
+fn lsh_prefix_pattern(qk: &[f64], dh: usize, rot: &Rotations, chunk: usize) -> Pattern {
+    let len = qk.len() / dh;
+    let mut p = vec![0.0; len * len];
+    for i in 0..len {
+        let n = i + 1;
+        let prefix = lsh_pattern(&qk[..n * dh], dh, rot, chunk, true);
+        p[i * len..i * len + n].copy_from_slice(&prefix[i * n..(i + 1) * n]);
+    }
+    p
+}
+
 /// How scores are formed.
 #[derive(Debug, Clone, Copy)]
 struct Scores {
@@ -502,11 +515,15 @@ fn maybe_mask(x: &[f64], mask: &Option<Vec<f64>>) -> Vec<f64> {
 /// them; computed in `f64`). LSH layers hash with `cfg.n_rounds` rounds (what
 /// [`ModelConfig::layer_configs`] gives); to evaluate with other rounds (`eval_rounds`), use a
 /// config with `n_rounds` set to them.
+#[derive(Clone)]
 pub struct RefModel {
     pub cfg: ModelConfig,
     pub names: Vec<String>,
     pub shapes: Vec<Vec<usize>>,
     pub values: Vec<Vec<f32>>,
+    /// The decoder's semantics instead of a full forward's: LSH layers use
+    /// [`lsh_prefix_pattern`] with rotations drawn for this many positions.
+    decoding: Option<usize>,
 }
 
 impl RefModel {
@@ -531,7 +548,17 @@ impl RefModel {
             names,
             shapes,
             values,
+            decoding: None,
         }
+    }
+
+    /// Next-byte logits at every position of `inputs` as the incremental decoder computes
+    /// them with caches for `capacity` positions (`src/decode.rs`: rotations for `capacity`
+    /// positions, every position computed once from its prefix, `StepContext::eval(0)`).
+    pub fn decoded_logits(&self, inputs: &[u8], capacity: usize) -> Vec<Vec<f32>> {
+        let mut m = self.clone();
+        m.decoding = Some(capacity);
+        m.logits(inputs, &StepContext::eval(0))
     }
 
     fn weights(&self) -> Tensors {
@@ -677,8 +704,9 @@ impl RefModel {
             .iter()
             .map(|name| matmul(&x_ln, w.get(&format!("{pre}.{name}")), len, d, width))
             .collect();
+        let rot_len = self.decoding.unwrap_or(len);
         let rot = (lc.attention == AttentionKind::Lsh)
-            .then(|| layer_rotations(lc, layer, len, ctx).expect("LSH rotations"));
+            .then(|| layer_rotations(lc, layer, rot_len, ctx).expect("LSH rotations"));
         let mut heads = Vec::new();
         let mut merged = vec![0.0; len * width];
         for h in 0..n_heads {
@@ -687,9 +715,10 @@ impl RefModel {
                 AttentionKind::Lsh | AttentionKind::Exact => {
                     // Shared QK: queries are the raw qk, keys their unit vectors, scale 1.
                     let (qk, v) = (head(&proj[0]), head(&proj[1]));
-                    let count = match &rot {
-                        Some(rot) => lsh_pattern(&qk, dh, rot, lc.chunk_len, lc.causal),
-                        None => exact_pattern(len, lc.causal),
+                    let count = match (&rot, self.decoding) {
+                        (Some(rot), Some(_)) => lsh_prefix_pattern(&qk, dh, rot, lc.chunk_len),
+                        (Some(rot), None) => lsh_pattern(&qk, dh, rot, lc.chunk_len, lc.causal),
+                        (None, _) => exact_pattern(len, lc.causal),
                     };
                     let k = unit_keys(&qk, dh);
                     attend(qk, k, v, dh, &count, shared_qk_scores())

@@ -61,14 +61,16 @@ extern "C" __global__ void embedding_bwd(const unsigned* tokens, const float* do
     }
 }
 
-// out[p, :] (+)= concat(e1[p / a2, :], e2[p % a2, :]) for p < n.
+// out[i, :] (+)= concat(e1[p / a2, :], e2[p % a2, :]), p = first + i, for i < n.
 // Launch: 1-D, grid-stride over n * (d1 + d2).
 extern "C" __global__ void axial_pos_fwd(const float* e1, const float* e2, float* out,
-                                         long long n, int a2, int d1, int d2, int accumulate) {
+                                         long long first, long long n, int a2, int d1, int d2,
+                                         int accumulate) {
     const int dim = d1 + d2;
     GRID_STRIDE_LOOP(idx, n * dim) {
-        const long long p = idx / dim;
-        const int c = (int)(idx - p * dim);
+        const long long row = idx / dim;
+        const int c = (int)(idx - row * dim);
+        const long long p = first + row;
         const long long i1 = p / a2;
         const long long i2 = p - i1 * a2;
         const float v = c < d1 ? e1[i1 * d1 + c] : e2[i2 * d2 + (c - d1)];

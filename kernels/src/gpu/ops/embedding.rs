@@ -171,30 +171,38 @@ impl AxialShape {
     }
 }
 
-/// `out[p, :] (+)= concat(e1[p / a2, :], e2[p % a2, :])` for `p < n`.
+/// `out[i, :] (+)= concat(e1[p / a2, :], e2[p % a2, :])`, `p = first + i`, for `i < n`.
+#[allow(clippy::too_many_arguments)]
 pub fn axial_forward(
     ctx: &GpuContext,
     e1: &DeviceBuffer<f32>,
     e2: &DeviceBuffer<f32>,
     out: &mut DeviceBuffer<f32>,
+    first: usize,
     n: usize,
     shape: AxialShape,
     accumulate: bool,
 ) -> Result<(), KernelsError> {
     const OP: &str = "axial_pos_fwd";
-    shape.check(OP, n, e1.len(), e2.len(), out.len())?;
+    let end = first
+        .checked_add(n)
+        .ok_or_else(|| invalid(OP, format!("positions {first} + {n}")))?;
+    shape.check(OP, end, e1.len(), e2.len(), end * shape.dim())?;
+    need(OP, "rows", out.len(), mul(OP, n, shape.dim())?)?;
     let Some(cfg) = grid_stride(n * shape.dim()) else {
         return Ok(());
     };
+    let first = to_i64(OP, "first", first)?;
     let n = to_i64(OP, "n", n)?;
     let (a2, d1, d2) = (shape.a2 as i32, shape.d1 as i32, shape.d2 as i32);
     let acc = i32::from(accumulate);
     let f = ctx.function(FAMILY, k::AXIAL_FWD)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(e1.cu()).arg(e2.cu()).arg(out.cu_mut());
-    b.arg(&n).arg(&a2).arg(&d1).arg(&d2).arg(&acc);
-    // SAFETY: axial_pos_fwd(e1, e2, out, long long n, int a2, int d1, int d2, int acc): n ≤ a1·a2
-    // so every row index is below a1 (e1) or a2 (e2); buffer sizes checked above.
+    b.arg(&first).arg(&n).arg(&a2).arg(&d1).arg(&d2).arg(&acc);
+    // SAFETY: axial_pos_fwd(e1, e2, out, long long first, long long n, int a2, int d1, int d2,
+    // int acc): first + n ≤ a1·a2 so every row index is below a1 (e1) or a2 (e2); out holds
+    // n·(d1 + d2) (checked above).
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::AXIAL_FWD, e))?;
     Ok(())
 }

@@ -1,0 +1,188 @@
+//! The incremental decoder (`src/decode.rs`) against what it must equal: a full forward over
+//! the prefix for local and exact layers (and for the first LSH layer), the plain reference
+//! model run with the decoder's stated LSH semantics for every layer kind, and itself fed in
+//! other block sizes (prefill then steps = one longer prefill). f32 on the CPU, tolerance
+//! 1e-5 relative to the largest logit.
+
+mod model_common;
+mod reference;
+
+use model_common::{assert_tensor_close, tokens};
+use reference::RefModel;
+use reformer::{
+    Attention, CpuBackend, DecodeState, ModelConfig, ReformerError, ReformerLm, StepContext,
+};
+use reformer_engine::MemoryPool;
+use reformer_lsh::Buckets;
+
+const TOL: f32 = 1e-5;
+
+fn config(kinds: &[Attention], rounds: usize, seed: u64) -> ModelConfig {
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    cfg.n_layers = kinds.len();
+    cfg.attention = kinds.to_vec();
+    // Few buckets, so every chunk mixes several and the sorted order moves as positions come.
+    cfg.buckets = Some(Buckets::Single(4));
+    cfg.n_rounds = rounds;
+    cfg.eval_rounds = rounds;
+    cfg.seed = seed;
+    cfg
+}
+
+fn model(cfg: &ModelConfig) -> ReformerLm<CpuBackend> {
+    let pool = MemoryPool::unlimited();
+    ReformerLm::new(CpuBackend::poisoned(&pool), cfg).unwrap()
+}
+
+/// Logits after each position `first - 1 ..` of `text`: a prefill of `first` bytes, then one
+/// step per byte.
+fn decoded(
+    m: &ReformerLm<CpuBackend>,
+    st: &mut DecodeState<CpuBackend>,
+    text: &[u8],
+    first: usize,
+) -> Vec<Vec<f32>> {
+    let mut out = vec![m.decode(st, &text[..first]).unwrap()];
+    for t in first..text.len() {
+        out.push(m.decode(st, &text[t..t + 1]).unwrap());
+    }
+    out
+}
+
+#[test]
+fn local_and_exact_layers_decode_what_a_full_forward_computes() {
+    use Attention::{Exact, Local};
+    for (kinds, seed) in [(vec![Local, Exact], 3), (vec![Exact, Local, Local], 4)] {
+        let cfg = config(&kinds, 1, seed);
+        let mut m = model(&cfg);
+        let text = tokens(120, seed);
+        let mut st = m.start_decoding(text.len()).unwrap();
+        let got = decoded(&m, &mut st, &text, 13);
+        for (i, logits) in got.iter().enumerate() {
+            let t = 12 + i;
+            let want = m.next_logits(&text[..=t], &StepContext::eval(0)).unwrap();
+            assert_tensor_close(&format!("{kinds:?} position {t}"), logits, &want, TOL, 1.0);
+        }
+    }
+}
+
+#[test]
+fn the_first_lsh_layer_decodes_what_a_full_forward_computes() {
+    use Attention::{Local, Lsh};
+    for rounds in [1, 3] {
+        let cfg = config(&[Local, Lsh], rounds, 5);
+        let mut m = model(&cfg);
+        let text = tokens(100, 6);
+        let mut st = m.start_decoding(text.len()).unwrap();
+        let got = decoded(&m, &mut st, &text, 16);
+        // From 16 positions on, a full forward hashes into the same 4 buckets with the same
+        // rotations (below, the automatic count for its length is smaller).
+        for (i, logits) in got.iter().enumerate() {
+            let t = 15 + i;
+            let want = m.next_logits(&text[..=t], &StepContext::eval(0)).unwrap();
+            assert_tensor_close(
+                &format!("rounds {rounds}, position {t}"),
+                logits,
+                &want,
+                TOL,
+                1.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn every_layer_kind_decodes_the_stated_semantics() {
+    use Attention::{Exact, Local, Lsh};
+    for (kinds, rounds, seed) in [
+        (vec![Lsh, Local, Lsh], 2, 7),
+        (vec![Local, Lsh, Exact, Lsh], 3, 8),
+        (vec![Lsh, Lsh], 1, 9),
+    ] {
+        let cfg = config(&kinds, rounds, seed);
+        let m = model(&cfg);
+        let text = tokens(90, seed + 1);
+        let capacity = 128;
+        let mut st = m.start_decoding(capacity).unwrap();
+        let got = decoded(&m, &mut st, &text, 1);
+        let snap = m.snapshot().unwrap();
+        let reference = RefModel::new(&cfg, snap.names, snap.shapes, snap.values);
+        let want = reference.decoded_logits(&text, capacity);
+        for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+            let what = format!("{kinds:?}, {rounds} rounds, position {t}");
+            assert_tensor_close(&what, g, w, TOL, 1.0);
+        }
+    }
+}
+
+#[test]
+fn prefill_then_steps_equals_one_longer_prefill() {
+    use Attention::{Exact, Local, Lsh};
+    let mut cfg = config(&[Local, Lsh, Exact], 2, 11);
+    // Long enough for several prefill blocks and a wrapped local ring.
+    cfg.axial_shape = (32, 64);
+    let m = model(&cfg);
+    let text = tokens(1100, 12);
+    let (c, n) = (1030, 70);
+    let mut a = m.start_decoding(1200).unwrap();
+    let want = m.decode(&mut a, &text[..c + n]).unwrap();
+    let mut b = m.start_decoding(1200).unwrap();
+    m.decode(&mut b, &text[..c]).unwrap();
+    let mut got = Vec::new();
+    for t in c..c + n {
+        got = m.decode(&mut b, &text[t..t + 1]).unwrap();
+    }
+    assert_eq!((a.position(), b.position()), (c + n, c + n));
+    assert_tensor_close("logits", &got, &want, TOL, 1.0);
+    let (sa, sb) = (
+        a.contents(m.backend()).unwrap(),
+        b.contents(m.backend()).unwrap(),
+    );
+    assert_eq!(sa.len(), sb.len());
+    for (i, (x, y)) in sa.iter().zip(&sb).enumerate() {
+        assert!(
+            x.iter().all(|v| v.is_finite()),
+            "cache {i} holds unwritten rows"
+        );
+        assert_tensor_close(&format!("cache {i}"), y, x, TOL, 1.0);
+    }
+}
+
+#[test]
+fn contexts_beyond_the_capacity_are_typed_errors() {
+    let cfg = config(&[Attention::Local, Attention::Lsh], 1, 13);
+    let m = model(&cfg);
+    let max = cfg.max_len();
+    assert!(matches!(
+        m.start_decoding(max + 1),
+        Err(ReformerError::Length { .. })
+    ));
+    let mut st = m.start_decoding(10).unwrap();
+    m.decode(&mut st, &tokens(8, 1)).unwrap();
+    match m.decode(&mut st, &tokens(3, 2)) {
+        Err(ReformerError::DecodeCapacity {
+            needed, capacity, ..
+        }) => assert_eq!((needed, capacity), (11, 10)),
+        other => panic!("expected a capacity error, got {other:?}"),
+    }
+    // Nothing was fed: the state goes on where it was.
+    assert_eq!(st.position(), 8);
+    m.decode(&mut st, &tokens(2, 3)).unwrap();
+    assert!(m.decode(&mut st, &[]).is_err());
+}
+
+#[test]
+fn the_caches_are_buffers_of_the_pool() {
+    let cfg = config(&[Attention::Local, Attention::Lsh, Attention::Exact], 2, 14);
+    let pool = MemoryPool::unlimited();
+    let m = ReformerLm::new(CpuBackend::new(&pool), &cfg).unwrap();
+    let before = pool.live_bytes();
+    let st = m.start_decoding(200).unwrap();
+    let w = cfg.n_heads * cfg.d_head;
+    // LSH and exact: keys and values of 200 positions; local: a ring of min(200, block + 2m).
+    let want = 4 * w * (2 * 200 + 2 * 200 + 2 * 200.min(1024 + 2 * cfg.chunk_len));
+    assert_eq!(st.device_bytes(), want);
+    assert_eq!(pool.live_bytes() - before, want);
+    drop(st);
+    assert_eq!(pool.live_bytes(), before);
+}
