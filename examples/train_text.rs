@@ -953,7 +953,7 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, setup: Setup) -> AnyR
         // A closed stdout ends the sample, not the run.
         if out.write_all(&prompt).and_then(|_| out.flush()).is_ok() {
             let stop = || interrupt.signal().is_some();
-            let end = cli::sample_to(
+            let (end, _) = cli::sample_to(
                 &mut trainer.lm,
                 &prompt,
                 args.sample_tokens,

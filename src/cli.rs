@@ -18,7 +18,7 @@ use std::str::FromStr;
 use thiserror::Error;
 
 use crate::backend::Backend;
-use crate::generate::SampleOptions;
+use crate::generate::{GenerateStats, SampleOptions};
 use crate::model::ReformerLm;
 
 /// The checkpoint file of a run folder.
@@ -568,13 +568,13 @@ pub fn sample_to<B: Backend>(
     opts: &SampleOptions,
     out: &mut dyn Write,
     stop: &dyn Fn() -> bool,
-) -> crate::Result<SampleEnd> {
+) -> crate::Result<(SampleEnd, GenerateStats)> {
     if stop() {
-        return Ok(SampleEnd::Stopped(0));
+        return Ok((SampleEnd::Stopped(0), GenerateStats::default()));
     }
     let mut end = SampleEnd::Done;
     let mut written = 0;
-    crate::generate(model, prompt, n_tokens, opts, |b| {
+    let (_, stats) = crate::generate_with_stats(model, prompt, n_tokens, opts, |b| {
         if out.write_all(&[b]).and_then(|_| out.flush()).is_err() {
             end = SampleEnd::WriterGone(written);
             return ControlFlow::Break(());
@@ -586,5 +586,5 @@ pub fn sample_to<B: Backend>(
         }
         ControlFlow::Continue(())
     })?;
-    Ok(end)
+    Ok((end, stats))
 }

@@ -19,6 +19,7 @@
 //!   output a closed pipe cannot crash, run folders that are not overwritten, metrics rows.
 
 pub mod backend;
+pub mod chart;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -38,7 +39,7 @@ pub use config::{Attention, ModelConfig, PRESETS, VOCAB};
 pub use data::{DataError, TextData};
 pub use decode::DecodeState;
 pub use error::{ReformerError, Result};
-pub use generate::{generate, SampleOptions};
+pub use generate::{generate, generate_with_stats, GenerateStats, SampleOptions};
 pub use model::{param_specs, ReformerLm};
 pub use optim::{AdamConfig, LrSchedule};
 pub use reformer_reversible::StepContext;

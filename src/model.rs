@@ -598,7 +598,7 @@ impl<B: Backend> ReformerLm<B> {
     }
 
     /// The 256 logits predicting the byte after `context` (a full forward over it).
-    pub fn next_logits(&mut self, context: &[u8], ctx: &StepContext) -> Result<Vec<f32>> {
+    pub fn next_logits(&self, context: &[u8], ctx: &StepContext) -> Result<Vec<f32>> {
         self.check_len(context.len())?;
         let seqs = Seqs::one(context.len());
         let (y1, y2) = self.forward_stack(context, &seqs, ctx)?;

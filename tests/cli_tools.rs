@@ -819,6 +819,27 @@ fn generate_names_what_is_wrong() {
     );
     assert_eq!(r.stdout_len, 300 + 3 + 1, "prompt, 3 bytes, newline");
 
+    // Any bytes from a file, also non-UTF-8; the speeds are said, with or without caches.
+    let bytes = dir.join("prompt.bin");
+    std::fs::write(&bytes, [0xffu8, 0xfe, b'\n', 0x80]).unwrap();
+    let p = bytes.to_str().unwrap();
+    for (extra, said) in [
+        (None, "bytes/s)"),
+        (Some("--no-cache"), "bytes/s), without caches"),
+    ] {
+        let mut args = vec!["--checkpoint", ck, "--prompt-file", p, "--tokens", "5"];
+        args.extend(extra);
+        let r = run(&dir, "generate", &args);
+        r.expect(0, &["prefill: 4 bytes in", "decode: 4 bytes in", said]);
+        assert_eq!(r.stdout_len, 4 + 5 + 1, "prompt, 5 bytes, newline");
+    }
+    run(
+        &dir,
+        "generate",
+        &["--checkpoint", ck, "--prompt-file", "no/such/file"],
+    )
+    .expect(2, &["--prompt-file"]);
+
     let cases: &[(&[&str], i32, &str)] = &[
         (&["--temperature", "-1"], 2, "invalid value '-1' for '--temperature <TEMPERATURE>': expected a finite number in [0, 100]"),
         (&["--temperature", "nan"], 2, "invalid value 'nan' for '--temperature <TEMPERATURE>'"),

@@ -45,6 +45,7 @@ fn generation_is_seeded_and_restores_rounds() {
         top_k: 0,
         rounds: Some(3),
         seed: 42,
+        ..SampleOptions::default()
     };
     let mut streamed = Vec::new();
     let a = generate(&mut model, b"the ", 20, &opts, |b| {
@@ -68,14 +69,30 @@ fn generation_is_seeded_and_restores_rounds() {
         generate(&mut model, b"", 5, &opts, |_| ControlFlow::Continue(())),
         Err(ReformerError::InvalidArgument(_))
     ));
-    // A context longer than the axial capacity (256 for tiny) keeps its last 256 bytes.
+    // A context longer than the axial capacity (256 for tiny) is an error, unless the policy
+    // says to keep its last bytes.
     let long = vec![b'x'; 300];
-    assert_eq!(
-        generate(&mut model, &long, 2, &opts, |_| ControlFlow::Continue(()))
-            .unwrap()
-            .len(),
-        2
-    );
+    assert!(matches!(
+        generate(&mut model, &long, 2, &opts, |_| ControlFlow::Continue(())),
+        Err(ReformerError::DecodeCapacity {
+            needed: 301,
+            capacity: 256,
+            ..
+        })
+    ));
+    for cache in [true, false] {
+        let keep = SampleOptions {
+            slide: true,
+            cache,
+            ..opts
+        };
+        assert_eq!(
+            generate(&mut model, &long, 2, &keep, |_| ControlFlow::Continue(()))
+                .unwrap()
+                .len(),
+            2
+        );
+    }
     assert!(matches!(
         model.eval_loss(&vec![b'x'; 258], &reformer::StepContext::eval(0)),
         Err(ReformerError::Length {
@@ -83,4 +100,42 @@ fn generation_is_seeded_and_restores_rounds() {
             max_len: 256
         })
     ));
+}
+
+#[test]
+fn a_sliding_window_goes_past_the_positions_and_says_so() {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let pool = MemoryPool::unlimited();
+    let mut model = ReformerLm::new(CpuBackend::new(&pool), &cfg).unwrap();
+    let opts = SampleOptions {
+        temperature: 0.0,
+        ..SampleOptions::default()
+    };
+    // 250 + 20 positions do not fit tiny's 256.
+    let prompt = vec![b'a'; 250];
+    assert!(matches!(
+        generate(
+            &mut model,
+            &prompt,
+            20,
+            &opts,
+            |_| ControlFlow::Continue(())
+        ),
+        Err(ReformerError::DecodeCapacity { needed: 269, .. })
+    ));
+    for cache in [true, false] {
+        let slide = SampleOptions {
+            slide: true,
+            cache,
+            ..opts
+        };
+        let (out, stats) = reformer::generate_with_stats(&mut model, &prompt, 20, &slide, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(out.len(), 20);
+        assert_eq!(stats.restarts, 1, "cache {cache}");
+        assert_eq!(stats.prefill_bytes, 250);
+        assert_eq!(stats.decode_bytes, 19);
+    }
 }

@@ -1,5 +1,7 @@
 //! Dense matrix products on the CPU through the `gemm` crate (row-major, transposes free).
 
+use rayon::prelude::*;
+
 use crate::error::{EngineError, Result};
 
 /// Whether a product may spread over rayon's threads. Inside an already parallel loop (per
@@ -41,6 +43,10 @@ pub fn gemm(
         if !accumulate {
             c[..m * n].fill(0.0);
         }
+        return Ok(());
+    }
+    if m <= SMALL_M && !ta {
+        small_m(c, a, b, m, k, n, tb, accumulate, par);
         return Ok(());
     }
     // Row-major strides: element (i, j) of a [rows, cols] matrix is at i*cols + j.
@@ -102,7 +108,15 @@ mod tests {
     #[test]
     fn matches_naive_for_all_transposes() {
         let mut rng = Rng::new(3);
-        for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (33, 64, 17), (64, 128, 64)] {
+        // m ≤ 4 without `ta` takes the row-by-row path.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 300, 65),
+            (4, 40, 9),
+            (5, 7, 3),
+            (33, 64, 17),
+            (64, 128, 64),
+        ] {
             for ta in [false, true] {
                 for tb in [false, true] {
                     let mut a = vec![0.0; m * k];
@@ -122,6 +136,64 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Rows of `a` up to which [`gemm`] multiplies row by row, reading `b` once per row: a decoding
+/// step's products (one position) would spend more time packing `b` than multiplying.
+const SMALL_M: usize = 4;
+
+/// `c[i, :] (+)= a[i, :] · op(b)` one row at a time: rows of `b` scaled and added (`b` as
+/// stored), or dot products with its rows (`b` transposed). With [`Par::Rayon`] and enough work,
+/// blocks of columns run in parallel (each reads its part of `b`: the product is bound by
+/// reading `b`).
+#[allow(clippy::too_many_arguments)]
+fn small_m(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    tb: bool,
+    accumulate: bool,
+    par: Par,
+) {
+    const COLUMNS: usize = 64;
+    let block = |i: usize, j0: usize, c_part: &mut [f32]| {
+        let a_row = &a[i * k..(i + 1) * k];
+        if tb {
+            for (j, y) in c_part.iter_mut().enumerate() {
+                let v = crate::ops::dot(a_row, &b[(j0 + j) * k..(j0 + j + 1) * k]);
+                *y = if accumulate { *y + v } else { v };
+            }
+        } else {
+            if !accumulate {
+                c_part.fill(0.0);
+            }
+            let cols = c_part.len();
+            for (l, &x) in a_row.iter().enumerate() {
+                let b_part = &b[l * n + j0..l * n + j0 + cols];
+                for (y, &w) in c_part.iter_mut().zip(b_part) {
+                    *y += x * w;
+                }
+            }
+        }
+    };
+    let parallel = matches!(par, Par::Rayon) && k * n >= 1 << 16 && n >= 2 * COLUMNS;
+    for i in 0..m {
+        let c_row = &mut c[i * n..(i + 1) * n];
+        if parallel {
+            let per = n
+                .div_ceil(rayon::current_num_threads().max(1))
+                .next_multiple_of(COLUMNS);
+            c_row
+                .par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(t, part)| block(i, t * per, part));
+        } else {
+            block(i, 0, c_row);
         }
     }
 }

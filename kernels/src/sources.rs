@@ -92,6 +92,10 @@ pub mod names {
         pub const BWD_DKDV: &str = "exact_attn_bwd_dkdv";
         pub const ALL: &[&str] = &[FWD, BWD_DQ, BWD_DKDV];
     }
+    pub mod cached_attention {
+        pub const ATTEND: &str = "cached_attention";
+        pub const ALL: &[&str] = &[ATTEND];
+    }
     pub mod rows {
         pub const COPY2D: &str = "rows_copy2d";
         pub const ADD_BIAS: &str = "rows_add_bias";
@@ -150,11 +154,12 @@ pub enum KernelFamily {
     LshAttention,
     LocalAttention,
     ExactAttention,
+    CachedAttention,
     Rows,
 }
 
 impl KernelFamily {
-    pub const ALL: [KernelFamily; 11] = [
+    pub const ALL: [KernelFamily; 12] = [
         KernelFamily::Elementwise,
         KernelFamily::LayerNorm,
         KernelFamily::Embedding,
@@ -165,6 +170,7 @@ impl KernelFamily {
         KernelFamily::LshAttention,
         KernelFamily::LocalAttention,
         KernelFamily::ExactAttention,
+        KernelFamily::CachedAttention,
         KernelFamily::Rows,
     ];
 
@@ -181,6 +187,7 @@ impl KernelFamily {
             KernelFamily::LshAttention => "lsh_attention",
             KernelFamily::LocalAttention => "local_attention",
             KernelFamily::ExactAttention => "exact_attention",
+            KernelFamily::CachedAttention => "cached_attention",
             KernelFamily::Rows => "rows",
         }
     }
@@ -198,6 +205,7 @@ impl KernelFamily {
             KernelFamily::LshAttention => include_str!("cu/lsh_attention.cu"),
             KernelFamily::LocalAttention => include_str!("cu/local_attention.cu"),
             KernelFamily::ExactAttention => include_str!("cu/exact_attention.cu"),
+            KernelFamily::CachedAttention => include_str!("cu/cached_attention.cu"),
             KernelFamily::Rows => include_str!("cu/rows.cu"),
         }
     }
@@ -225,6 +233,7 @@ impl KernelFamily {
             KernelFamily::LshAttention => names::lsh_attention::ALL,
             KernelFamily::LocalAttention => names::local_attention::ALL,
             KernelFamily::ExactAttention => names::exact_attention::ALL,
+            KernelFamily::CachedAttention => names::cached_attention::ALL,
             KernelFamily::Rows => names::rows::ALL,
         }
     }

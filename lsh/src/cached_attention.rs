@@ -11,9 +11,11 @@
 
 use rayon::prelude::*;
 
-use crate::block::{KeyBlock, OnlineSoftmax, QueryBlock, ScoreRule};
+use reformer_engine::ops::dot;
+
+use crate::block::{ScoreRule, SELF_SCORE};
 use crate::error::{shape_err, AttentionError, Result};
-use crate::keys::normalize_rows_in_place;
+use crate::keys::KEY_NORM_EPS;
 
 /// Marks an unused entry of a key list.
 pub const NO_KEY: u32 = u32::MAX;
@@ -108,14 +110,84 @@ impl CachedAttention<'_> {
     }
 }
 
-/// Per-task scratch: key positions and the gathered tile.
+/// Per-task scratch: key positions and scores.
 #[derive(Default)]
 struct Scratch {
     pos: Vec<u32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    valid: Vec<bool>,
-    o: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// One round of one (query, head): the softmax over the keys at `pos`, online over tiles of
+/// [`TILE`] keys, as [`crate::block::OnlineSoftmax`] forms it — scores `scale · q·k̂` (`k̂`
+/// the unit key with `unit_keys`), the rule's causal and self masks by position. Leaves the
+/// normalised output in `s.acc` and returns the logsumexp (`-inf`: no key allowed).
+fn attend_round(
+    q: &[f32],
+    q_pos: u32,
+    k: &[f32],
+    v: &[f32],
+    a: &CachedAttention,
+    h: usize,
+    s: &mut Scratch,
+) -> f32 {
+    let (d, w) = (a.d, a.heads * a.d);
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    s.acc.clear();
+    s.acc.resize(d, 0.0);
+    let row = |p: u32| (p as usize % a.cache_rows) * w + h * d;
+    for tile in s.pos.chunks(TILE) {
+        s.scores.clear();
+        for &p in tile {
+            let score = if a.rule.causal && p > q_pos {
+                f32::NEG_INFINITY
+            } else if a.rule.self_penalty && p == q_pos {
+                SELF_SCORE
+            } else {
+                let key = &k[row(p)..row(p) + d];
+                let qk = dot(q, key);
+                let qk = if a.unit_keys {
+                    qk / (dot(key, key) + KEY_NORM_EPS).sqrt()
+                } else {
+                    qk
+                };
+                qk * a.rule.scale
+            };
+            s.scores.push(score);
+        }
+        let tile_max = s.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let new_max = max.max(tile_max);
+        if new_max == f32::NEG_INFINITY {
+            continue;
+        }
+        let correction = (max - new_max).exp();
+        if correction != 1.0 {
+            sum *= correction;
+            for x in &mut s.acc {
+                *x *= correction;
+            }
+        }
+        for (&p, &score) in tile.iter().zip(&s.scores) {
+            let e = (score - new_max).exp();
+            if e == 0.0 {
+                continue;
+            }
+            sum += e;
+            for (x, &y) in s.acc.iter_mut().zip(&v[row(p)..row(p) + d]) {
+                *x += e * y;
+            }
+        }
+        max = new_max;
+    }
+    if sum > 0.0 {
+        let inv = 1.0 / sum;
+        for x in &mut s.acc {
+            *x *= inv;
+        }
+        max + sum.ln()
+    } else {
+        f32::NEG_INFINITY
+    }
 }
 
 /// `out[i, h] = Σ_r w_r · softmax_r(q_i,h · keys) · values` over the keys each query sees, with
@@ -135,50 +207,25 @@ pub fn cached_attention(
     out[..queries * w]
         .par_chunks_mut(d)
         .enumerate()
+        .with_min_len(16)
         .for_each_init(Scratch::default, |s, (task, o)| {
             let (i, h) = (task / heads, task % heads);
-            let qb = QueryBlock {
-                q: &q[i * w + h * d..i * w + (h + 1) * d],
-                pos: &q_pos[i..i + 1],
-            };
+            let q_row = &q[i * w + h * d..i * w + (h + 1) * d];
             o.fill(0.0);
+            // Rounds combine by logsumexp in f64, as the LSH forward combines them.
             let mut z_acc = f64::NEG_INFINITY;
             for r in 0..a.keys.rounds() {
                 s.pos.clear();
                 a.keys.collect(i, queries, h, r, &mut s.pos);
-                let mut state = OnlineSoftmax::new(1, d, TILE.min(s.pos.len().max(1)));
-                for tile in s.pos.chunks(TILE) {
-                    s.k.clear();
-                    s.v.clear();
-                    for &p in tile {
-                        let row = (p as usize % a.cache_rows) * w + h * d;
-                        s.k.extend_from_slice(&k_cache[row..row + d]);
-                        s.v.extend_from_slice(&v_cache[row..row + d]);
-                    }
-                    if a.unit_keys {
-                        normalize_rows_in_place(&mut s.k, d);
-                    }
-                    s.valid.clear();
-                    s.valid.resize(tile.len(), true);
-                    let kb = KeyBlock {
-                        k: &s.k,
-                        v: &s.v,
-                        pos: tile,
-                        valid: &s.valid,
-                    };
-                    state.update(&qb, &kb, a.rule);
-                }
-                s.o.resize(d, 0.0);
-                let mut z = [0.0f32];
-                state.finish(&mut s.o, &mut z);
-                if z[0] == f32::NEG_INFINITY {
+                let z = attend_round(q_row, q_pos[i], k_cache, v_cache, a, h, s);
+                if z == f32::NEG_INFINITY {
                     continue;
                 }
-                let z = z[0] as f64;
+                let z = z as f64;
                 let m = z_acc.max(z);
                 let z_new = m + ((z_acc - m).exp() + (z - m).exp()).ln();
                 let (wa, wb) = ((z_acc - z_new).exp() as f32, (z - z_new).exp() as f32);
-                for (o, x) in o.iter_mut().zip(&s.o) {
+                for (o, x) in o.iter_mut().zip(&s.acc) {
                     *o = wa * *o + wb * x;
                 }
                 z_acc = z_new;

@@ -6,13 +6,14 @@ use reformer_kernels::gpu::attention::{
     local_attention_forward_as, lsh_attention_backward, lsh_attention_forward, AttnDims,
     GpuLocalConfig, GpuLshConfig, GpuLshSaved, LshBuckets,
 };
+use reformer_kernels::gpu::ops::cached_attention::{self, CachedDims, CachedKeysGpu, CachedRule};
 use reformer_kernels::gpu::ops::embedding::{self, AxialShape};
 use reformer_kernels::gpu::ops::layer_norm::{self, LayerNormGrads};
 use reformer_kernels::gpu::ops::reduce_adam::{self, AdamStep};
 use reformer_kernels::gpu::ops::rows;
 use reformer_kernels::gpu::ops::{elementwise, matmul, softmax_xent};
 use reformer_kernels::gpu::{bf16, ActElem, DeviceBuffer, GpuContext};
-use reformer_lsh::{Buckets, CachedAttention, Rotations};
+use reformer_lsh::{Buckets, CachedAttention, CachedKeys, Rotations};
 use reformer_reversible::layer_norm::LN_EPS;
 use reformer_reversible::Dropout;
 
@@ -626,13 +627,44 @@ impl Backend for CudaBackend {
 
     fn cached_attention(
         &self,
-        _q: &ActBuf,
-        _k_cache: &ActBuf,
-        _v_cache: &ActBuf,
-        _q_pos: &[u32],
-        _a: &CachedAttention<'_>,
+        q: &ActBuf,
+        k_cache: &ActBuf,
+        v_cache: &ActBuf,
+        q_pos: &[u32],
+        a: &CachedAttention<'_>,
     ) -> Result<Buf> {
-        Err(ReformerError::InvalidArgument("TODO".into()))
+        let queries = q_pos.len();
+        let mut out = self.ctx.alloc::<f32>(queries * a.heads * a.d)?;
+        let pos = self.ctx.upload(q_pos)?;
+        let (keys, rounds, width) = match a.keys {
+            CachedKeys::Lists { pos, rounds, width } => (self.ctx.upload(pos)?, rounds, width),
+            CachedKeys::Ranges(r) => {
+                let flat: Vec<u32> = r.iter().flat_map(|&(s, e)| [s, e]).collect();
+                (self.ctx.upload(&flat)?, 1, 0)
+            }
+        };
+        let gpu_keys = match a.keys {
+            CachedKeys::Lists { .. } => CachedKeysGpu::Lists(&keys),
+            CachedKeys::Ranges(_) => CachedKeysGpu::Ranges(&keys),
+        };
+        let dims = CachedDims {
+            queries,
+            heads: a.heads,
+            d: a.d,
+            cache_rows: a.cache_rows,
+            rounds,
+            width,
+        };
+        let rule = CachedRule {
+            scale: a.rule.scale,
+            causal: a.rule.causal,
+            self_penalty: a.rule.self_penalty,
+            unit_keys: a.unit_keys,
+        };
+        with_acts!((q, k_cache, v_cache) => cached_attention::attend(
+            &self.ctx, q, k_cache, v_cache, &pos, gpu_keys, dims, rule, &mut out,
+        )?);
+        Ok(out)
     }
 
     fn lsh_buckets(

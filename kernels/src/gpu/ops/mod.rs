@@ -5,6 +5,7 @@
 //! for a shorter last chunk); the kernels touch nothing beyond that.
 
 pub mod bucket_sort;
+pub mod cached_attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod exact_attention;
