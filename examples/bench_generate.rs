@@ -19,7 +19,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use reformer::backend::{select, Backend, CpuBackend, CudaBackend, DeviceRequest, Runner};
+use reformer::backend::{
+    select, Backend, CpuBackend, CudaBackend, DecodePlan, DeviceRequest, PlanTarget, Runner,
+};
 use reformer::chart::{loglog_svg, Axes, Series};
 use reformer::{checkpoint, cli, ModelConfig, ReformerLm, StepContext};
 use reformer_engine::MemoryPool;
@@ -78,6 +80,9 @@ struct Row {
     steps_s: f64,
     cache_device_bytes: usize,
     cache_index_bytes: usize,
+    /// The decoding plan's peak and the pool's, from the caches' allocation to the last step.
+    planned_peak: usize,
+    pool_peak: usize,
     no_cache: Option<(usize, f64)>,
 }
 
@@ -108,8 +113,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         DeviceArg::Auto => DeviceRequest::Auto,
     };
     match select(req)? {
-        Runner::Cuda(ordinal) => bench(CudaBackend::new(ordinal, None)?, args),
-        Runner::Cpu => bench(CpuBackend::new(&MemoryPool::unlimited()), args),
+        r @ Runner::Cuda(ordinal) => bench(CudaBackend::new(ordinal, None)?, r, args),
+        r @ Runner::Cpu => bench(CpuBackend::new(&MemoryPool::unlimited()), r, args),
     }
 }
 
@@ -128,7 +133,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn bench<B: Backend>(backend: B, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+fn bench<B: Backend>(
+    backend: B,
+    runner: Runner,
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error>> {
     let mut model = match &args.checkpoint {
         Some(p) => ReformerLm::from_checkpoint(backend, &checkpoint::load(p)?)?,
         None => ReformerLm::new(backend, &ModelConfig::preset(&args.preset)?)?,
@@ -163,7 +172,17 @@ fn bench<B: Backend>(backend: B, args: &Args) -> Result<(), Box<dyn std::error::
         model.backend().synchronize()?;
         row.forward_s = t.elapsed().as_secs_f64();
         // Prefill, then steps.
-        let mut st = model.start_decoding(context + args.new - 1)?;
+        let target = match runner {
+            Runner::Cuda(_) => PlanTarget::Cuda,
+            Runner::Cpu => PlanTarget::Cpu {
+                threads: rayon::current_num_threads(),
+            },
+        };
+        let capacity = context + args.new - 1;
+        row.planned_peak =
+            DecodePlan::new(model.config(), capacity, target, model.backend().act_dtype())?.peak;
+        model.backend().reset_peak();
+        let mut st = model.start_decoding(capacity)?;
         let t = Instant::now();
         let mut logits = model.decode(&mut st, &text)?;
         model.backend().synchronize()?;
@@ -185,6 +204,7 @@ fn bench<B: Backend>(backend: B, args: &Args) -> Result<(), Box<dyn std::error::
         row.steps_s = t_all.elapsed().as_secs_f64();
         row.steps = times.len();
         row.step_median_s = median(times);
+        row.pool_peak = model.backend().peak_bytes();
         row.cache_device_bytes = st.device_bytes();
         row.cache_index_bytes = st.index_bytes();
         drop(st);
@@ -219,13 +239,13 @@ fn bench<B: Backend>(backend: B, args: &Args) -> Result<(), Box<dyn std::error::
 fn table(rows: &[Row], device: &str, rounds: usize, new: usize) -> String {
     let mut s = format!(
         "Generation on {device}, {rounds} LSH rounds, {new} new bytes per context (greedy).\n\n\
-         | context | forward s | prefill s | prefill / forward rate | decode bytes/s | median step ms | no-cache bytes/s | cache (device) | bucket index (host) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+         | context | forward s | prefill s | prefill / forward rate | decode bytes/s | median step ms | no-cache bytes/s | caches | bucket index (host) | planned peak | pool peak |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {:.3} | {:.3} | {:.2} | {:.0} | {:.2} | {} | {} | {} |",
+            "| {} | {:.3} | {:.3} | {:.2} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
             r.context,
             r.forward_s,
             r.prefill_s,
@@ -235,6 +255,8 @@ fn table(rows: &[Row], device: &str, rounds: usize, new: usize) -> String {
             r.no_cache_rate().map_or("—".into(), |v| format!("{v:.3}")),
             reformer::backend::human_bytes(r.cache_device_bytes),
             reformer::backend::human_bytes(r.cache_index_bytes),
+            reformer::backend::human_bytes(r.planned_peak),
+            reformer::backend::human_bytes(r.pool_peak),
         );
     }
     s
@@ -248,7 +270,7 @@ fn write_outputs(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut csv = String::from(
         "context,forward_s,prefill_s,steps,steps_s,decode_bytes_per_s,step_median_s,\
-         no_cache_bytes,no_cache_s,cache_device_bytes,cache_index_bytes\n",
+         no_cache_bytes,no_cache_s,cache_device_bytes,cache_index_bytes,planned_peak,pool_peak\n",
     );
     for r in rows {
         let (nb, ns) = r.no_cache.map_or((String::new(), String::new()), |(n, s)| {
@@ -256,7 +278,7 @@ fn write_outputs(
         });
         let _ = writeln!(
             csv,
-            "{},{:.6},{:.6},{},{:.6},{:.3},{:.6},{nb},{ns},{},{}",
+            "{},{:.6},{:.6},{},{:.6},{:.3},{:.6},{nb},{ns},{},{},{},{}",
             r.context,
             r.forward_s,
             r.prefill_s,
@@ -265,7 +287,9 @@ fn write_outputs(
             r.decode_rate(),
             r.step_median_s,
             r.cache_device_bytes,
-            r.cache_index_bytes
+            r.cache_index_bytes,
+            r.planned_peak,
+            r.pool_peak
         );
     }
     std::fs::write(args.out.join("generate.csv"), csv)?;

@@ -389,6 +389,8 @@ impl<B: Backend> ReformerLm<B> {
         }
         let mut last = None;
         for block in bytes.chunks(PREFILL_BLOCK) {
+            // Only the last block's streams are kept (for the head).
+            drop(last.take());
             last = Some((self.decode_block(st, block)?, block.len()));
         }
         let ((y1, y2), n) = last.ok_or_else(|| ReformerError::Config("no block fed".into()))?;

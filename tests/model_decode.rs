@@ -54,7 +54,7 @@ fn local_and_exact_layers_decode_what_a_full_forward_computes() {
     use Attention::{Exact, Local};
     for (kinds, seed) in [(vec![Local, Exact], 3), (vec![Exact, Local, Local], 4)] {
         let cfg = config(&kinds, 1, seed);
-        let mut m = model(&cfg);
+        let m = model(&cfg);
         let text = tokens(120, seed);
         let mut st = m.start_decoding(text.len()).unwrap();
         let got = decoded(&m, &mut st, &text, 13);
@@ -71,7 +71,7 @@ fn the_first_lsh_layer_decodes_what_a_full_forward_computes() {
     use Attention::{Local, Lsh};
     for rounds in [1, 3] {
         let cfg = config(&[Local, Lsh], rounds, 5);
-        let mut m = model(&cfg);
+        let m = model(&cfg);
         let text = tokens(100, 6);
         let mut st = m.start_decoding(text.len()).unwrap();
         let got = decoded(&m, &mut st, &text, 16);
@@ -185,4 +185,24 @@ fn the_caches_are_buffers_of_the_pool() {
     assert_eq!(pool.live_bytes() - before, want);
     drop(st);
     assert_eq!(pool.live_bytes(), before);
+}
+
+#[test]
+fn the_decoding_plan_is_the_pools_peak() {
+    use reformer::backend::{DecodePlan, PlanTarget};
+    use reformer_engine::DType;
+    let mut cfg = config(&[Attention::Local, Attention::Lsh, Attention::Exact], 2, 15);
+    cfg.axial_shape = (64, 64);
+    let threads = rayon::current_num_threads();
+    let plan = DecodePlan::new(&cfg, 2100, PlanTarget::Cpu { threads }, DType::F32).unwrap();
+    let pool = MemoryPool::unlimited();
+    let m = ReformerLm::new(CpuBackend::new(&pool), &cfg).unwrap();
+    assert_eq!(pool.live_bytes(), plan.model);
+    let mut st = m.start_decoding(2100).unwrap();
+    assert_eq!(st.device_bytes(), plan.caches);
+    // A block of the prefill is the peak; a longer prefill (two full blocks) and the steps
+    // stay below it.
+    m.decode(&mut st, &tokens(2 * 1024 + 10, 16)).unwrap();
+    m.decode(&mut st, b"x").unwrap();
+    assert_eq!(pool.peak_bytes(), plan.peak, "{plan}");
 }

@@ -30,7 +30,7 @@ pub mod select;
 
 pub use cpu::CpuBackend;
 pub use cuda::{ActBuf, CudaBackend};
-pub use plan::{human_bytes, MemoryPlan, PlanBackend, PlanTarget};
+pub use plan::{human_bytes, DecodePlan, MemoryPlan, PlanBackend, PlanTarget};
 pub use select::{select, DeviceRequest, Runner};
 
 use reformer_lsh::{CachedAttention, Rotations};

@@ -934,6 +934,64 @@ impl MemoryPlan {
     }
 }
 
+/// The memory of decoding one sequence of up to `capacity` positions (see [`crate::decode`]):
+/// the model, the caches (allocated up front for the whole capacity) and the peak of feeding one
+/// prefill block (a step feeds one position and needs less). The bucket indexes of the LSH
+/// layers live on the host and grow with the position (`DecodeState::index_bytes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub target: PlanTarget,
+    pub capacity: usize,
+    pub act: DType,
+    /// Parameters and their gradient buffers (the model allocates both).
+    pub model: usize,
+    pub caches: usize,
+    pub peak: usize,
+}
+
+impl DecodePlan {
+    pub fn new(cfg: &ModelConfig, capacity: usize, target: PlanTarget, act: DType) -> Result<Self> {
+        let backend = PlanBackend::for_target(target).with_act_dtype(act)?;
+        let reg = Rc::clone(&backend.reg);
+        let mut lm = ReformerLm::for_config(backend, cfg)?;
+        lm.set_rounds(cfg.eval_rounds)?;
+        let model = reg.borrow().live;
+        lm.backend().reset_peak();
+        let mut st = lm.start_decoding(capacity)?;
+        let caches = reg.borrow().live - model;
+        let block = vec![0u8; capacity.min(crate::decode::PREFILL_BLOCK)];
+        lm.decode(&mut st, &block)?;
+        let peak = reg.borrow().peak;
+        Ok(Self {
+            target,
+            capacity,
+            act,
+            model,
+            caches,
+            peak,
+        })
+    }
+}
+
+impl fmt::Display for DecodePlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "decoding plan ({}, dry run): {} positions, {} activations: model {}, caches {}, \
+             peak {}",
+            match self.target {
+                PlanTarget::Cuda => "CUDA backend".to_string(),
+                PlanTarget::Cpu { threads } => format!("CPU backend, {threads} threads"),
+            },
+            self.capacity,
+            format!("{:?}", self.act).to_lowercase(),
+            human_bytes(self.model),
+            human_bytes(self.caches),
+            human_bytes(self.peak)
+        )
+    }
+}
+
 impl fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
