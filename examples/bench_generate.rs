@@ -179,8 +179,13 @@ fn bench<B: Backend>(
             },
         };
         let capacity = context + args.new - 1;
-        row.planned_peak =
-            DecodePlan::new(model.config(), capacity, target, model.backend().act_dtype())?.peak;
+        row.planned_peak = DecodePlan::new(
+            model.config(),
+            capacity,
+            target,
+            model.backend().act_dtype(),
+        )?
+        .peak;
         model.backend().reset_peak();
         let mut st = model.start_decoding(capacity)?;
         let t = Instant::now();
