@@ -58,6 +58,10 @@ struct Args {
     /// Measure the no-cache method up to contexts of 2^this.
     #[arg(long, default_value_t = 16, value_parser = cli::int_parser(0usize, Some(24)))]
     no_cache_max_log2: usize,
+    /// Also compare greedy decoding with and without the caches over this many bytes after the
+    /// smallest context (teacher-forced on the no-cache method's bytes): the agreement rate.
+    #[arg(long, default_value_t = 0, value_parser = cli::int_parser(0usize, None))]
+    agreement: usize,
     /// LSH rounds (default: the model's eval rounds).
     #[arg(long, value_parser = cli::int_parser(1usize, Some(64)))]
     rounds: Option<usize>,
@@ -238,7 +242,46 @@ fn bench<B: Backend>(
         write_outputs(args, &rows, &device, rounds)?;
     }
     cli::outln(format_args!("{}", table(&rows, &device, rounds, args.new)));
+    if args.agreement > 0 {
+        let context = (1usize << args.min_log2).min(max_len + 1 - args.agreement);
+        let prompt: Vec<u8> = source.iter().copied().cycle().take(context).collect();
+        let (same, n) = agreement(&model, &prompt, args.agreement)?;
+        let line = format!(
+            "greedy agreement with the no-cache method after {context} bytes: {same}/{n} = \
+             {:.3}",
+            same as f64 / n as f64
+        );
+        cli::outln(format_args!("{line}"));
+        std::fs::write(args.out.join("agreement.txt"), format!("{line}\n"))?;
+    }
     Ok(())
+}
+
+/// Greedy bytes of the no-cache method after `prompt`, and how many of them the cached decoder,
+/// fed the same bytes, also picks.
+fn agreement<B: Backend>(
+    model: &ReformerLm<B>,
+    prompt: &[u8],
+    n: usize,
+) -> Result<(usize, usize), Box<dyn std::error::Error>> {
+    let ctx = StepContext::eval(0);
+    let mut text = prompt.to_vec();
+    let mut picks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let b = greedy(&model.next_logits(&text, &ctx)?);
+        picks.push(b);
+        text.push(b);
+    }
+    let mut st = model.start_decoding(prompt.len() + n - 1)?;
+    let mut logits = model.decode(&mut st, prompt)?;
+    let mut same = 0;
+    for (i, &b) in picks.iter().enumerate() {
+        same += usize::from(greedy(&logits) == b);
+        if i + 1 < n {
+            logits = model.decode(&mut st, &[b])?;
+        }
+    }
+    Ok((same, n))
 }
 
 fn table(rows: &[Row], device: &str, rounds: usize, new: usize) -> String {

@@ -53,8 +53,8 @@ pub const PREFILL_BLOCK: usize = 1024;
 
 /// One layer's cache.
 enum LayerCache<B: Backend> {
-    /// Every position's `qk` and `v` rows (`[capacity, H·dh]`), the rotations, and per (head,
-    /// round) the bucket index.
+    /// Every position's unit key `qk/|qk|` and `v` rows (`[capacity, H·dh]`), the rotations,
+    /// and per (head, round) the bucket index.
     Lsh {
         qk: B::Act,
         v: B::Act,
@@ -62,7 +62,7 @@ enum LayerCache<B: Backend> {
         rot: Rotations,
         index: Vec<BucketIndex>,
     },
-    /// Every position's `qk` and `v` rows.
+    /// Every position's unit key and `v` rows.
     Exact { qk: B::Act, v: B::Act, rows: usize },
     /// A ring of the last `rows` positions' `k` and `v` rows.
     Local { k: B::Act, v: B::Act, rows: usize },
@@ -229,6 +229,7 @@ impl AttnLayer {
             self.cfg.n_heads,
         );
         let (chunk, m) = (self.cfg.ff_chunk.min(n).max(1), self.cfg.chunk_len);
+        let shared_qk = !matches!(cache, LayerCache::Local { .. });
         // Projections, a block of rows at a time: the queries into `q`, keys and values into
         // the cache.
         let mut q = b.alloc_act(&[n, w])?;
@@ -238,8 +239,8 @@ impl AttnLayer {
             ln.load(b, vals, (self.ln_g, self.ln_b), x, r0, c, d)?;
             for (i, &wi) in self.proj.iter().enumerate() {
                 b.gemm(&mut p, &ln.ln, &vals[wi], c, d, w, false, false, false)?;
-                let (pos, to_q) = (p0 + r0, i == 0);
-                if to_q {
+                let pos = p0 + r0;
+                if i == 0 {
                     b.copy_to_act(
                         &p,
                         Strided::new(0, w),
@@ -248,6 +249,10 @@ impl AttnLayer {
                         c,
                         w,
                     )?;
+                    if shared_qk {
+                        // The cache keeps unit keys: each is normalised once, not per query.
+                        b.unit_rows(&mut p, c * heads, dh)?;
+                    }
                 }
                 match (&mut *cache, i) {
                     (LayerCache::Lsh { qk, rows, .. } | LayerCache::Exact { qk, rows, .. }, 0) => {
@@ -288,7 +293,7 @@ impl AttnLayer {
                     d: dh,
                     cache_rows: *rows,
                     rule: shared_qk_rule(true),
-                    unit_keys: true,
+                    unit_keys: false,
                     keys: CachedKeys::Lists {
                         pos: &lists,
                         rounds: rot.n_rounds,
@@ -304,7 +309,7 @@ impl AttnLayer {
                     d: dh,
                     cache_rows: *rows,
                     rule: shared_qk_rule(true),
-                    unit_keys: true,
+                    unit_keys: false,
                     keys: CachedKeys::Ranges(&ranges),
                 };
                 b.cached_attention(&q, qk, v, &q_pos, &a)?

@@ -17,6 +17,7 @@ pub mod names {
         pub const F32_TO_BF16: &str = "ew_f32_to_bf16";
         pub const BF16_TO_F32: &str = "ew_bf16_to_f32";
         pub const ROW_DOT: &str = "ew_row_dot";
+        pub const UNIT_ROWS: &str = "ew_unit_rows";
         pub const ALL: &[&str] = &[
             FILL,
             SCALE,
@@ -27,6 +28,7 @@ pub mod names {
             F32_TO_BF16,
             BF16_TO_F32,
             ROW_DOT,
+            UNIT_ROWS,
         ];
     }
     pub mod layer_norm {

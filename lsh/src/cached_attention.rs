@@ -207,7 +207,6 @@ pub fn cached_attention(
     out[..queries * w]
         .par_chunks_mut(d)
         .enumerate()
-        .with_min_len(16)
         .for_each_init(Scratch::default, |s, (task, o)| {
             let (i, h) = (task / heads, task % heads);
             let q_row = &q[i * w + h * d..i * w + (h + 1) * d];

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use reformer_engine::matmul::{gemm, Par};
 use reformer_engine::{DType, MemoryPool, Tensor};
 use reformer_kernels::gpu::ops::rows::host as twins;
+use reformer_lsh::keys::normalize_rows_in_place;
 use reformer_lsh::{
     exact_attention_backward, exact_attention_forward, local_attention_backward,
     local_attention_forward, lsh_attention_backward, lsh_attention_forward, shared_qk_grad,
@@ -676,6 +677,14 @@ impl Backend for CpuBackend {
             out.data_mut(),
         )?;
         Ok(out)
+    }
+
+    fn unit_rows(&self, x: &mut Tensor, rows: usize, cols: usize) -> Result<()> {
+        need("unit_rows", "x", x.numel(), rows * cols)?;
+        x.data_mut()[..rows * cols]
+            .par_chunks_mut(cols.max(1) * 64)
+            .for_each(|block| normalize_rows_in_place(block, cols.max(1)));
+        Ok(())
     }
 
     fn lsh_buckets(

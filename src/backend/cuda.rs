@@ -667,6 +667,10 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn unit_rows(&self, x: &mut Buf, rows: usize, cols: usize) -> Result<()> {
+        Ok(elementwise::unit_rows(&self.ctx, x, rows, cols)?)
+    }
+
     fn lsh_buckets(
         &self,
         qk: &ActBuf,

@@ -403,6 +403,10 @@ pub trait Backend {
         a: &CachedAttention<'_>,
     ) -> Result<Self::Buf>;
 
+    /// Replaces each of `rows` rows of `cols` by its unit vector `x / sqrt(|x|² + 1e-12)` (the
+    /// shared-QK keys, as the attention ops form them from `qk`).
+    fn unit_rows(&self, x: &mut Self::Buf, rows: usize, cols: usize) -> Result<()>;
+
     /// Decoding: the LSH buckets of `rows` rows of `qk` (`[rows, heads·rot.d]`, model layout),
     /// every head and round, on the host: `[heads, rounds, rows]`.
     fn lsh_buckets(

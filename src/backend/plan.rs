@@ -843,6 +843,10 @@ impl Backend for PlanBackend {
         self.alloc(&[q_pos.len(), a.heads * a.d])
     }
 
+    fn unit_rows(&self, _x: &mut PlanBuf, _rows: usize, _cols: usize) -> Result<()> {
+        Ok(())
+    }
+
     fn lsh_buckets(
         &self,
         _qk: &PlanBuf,

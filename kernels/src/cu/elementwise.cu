@@ -51,6 +51,24 @@ extern "C" __global__ void ew_bf16_to_f32(const unsigned short* x, float* y, lon
     GRID_STRIDE_LOOP(i, n) { y[i] = bf16_bits_to_float(x[i]); }
 }
 
+// x[r, :] = x[r, :] / sqrt(|x[r, :]|^2 + 1e-12) in place (unit keys, as the attention kernels
+// form them), f32. One warp per row: block (32, W), grid ceil(rows / W).
+extern "C" __global__ void ew_unit_rows(float* x, long long rows, int cols) {
+    const long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    if (r >= rows) {
+        return;
+    }
+    float* xr = x + r * cols;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += 32) {
+        s += xr[c] * xr[c];
+    }
+    const float inv = 1.0f / sqrtf(warp_sum(s) + 1e-12f);
+    for (int c = threadIdx.x; c < cols; c += 32) {
+        xr[c] *= inv;
+    }
+}
+
 // out[r] = sum_c a[r, c] * b[r, c] for `rows` rows of `cols` (the `delta = dO . O` of the
 // attention backward passes). a and b are bf16 when act_bf16 != 0, else f32; the products and
 // the sum are f32 either way, out is f32. One warp per row: block (32, W), grid ceil(rows / W).

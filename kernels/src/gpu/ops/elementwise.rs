@@ -191,6 +191,29 @@ pub fn bf16_to_f32(
     Ok(())
 }
 
+/// `x[r, :] /= sqrt(|x[r, :]|² + 1e-12)` in place for `rows` rows of `cols` (unit keys; the
+/// CPU twin is `reformer_lsh::keys::normalize_rows_in_place`).
+pub fn unit_rows(
+    ctx: &GpuContext,
+    x: &mut DeviceBuffer<f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), KernelsError> {
+    const OP: &str = "ew_unit_rows";
+    need(OP, "x", x.len(), crate::gpu::launch::mul(OP, rows, cols)?)?;
+    let Some(cfg) = warp_per_row(OP, rows)? else {
+        return Ok(());
+    };
+    let (rows, cols) = (to_i64(OP, "rows", rows)?, to_i32(OP, "cols", cols)?);
+    let f = ctx.function(FAMILY, k::UNIT_ROWS)?;
+    let mut b = ctx.stream().launch_builder(&f);
+    b.arg(x.cu_mut()).arg(&rows).arg(&cols);
+    // SAFETY: ew_unit_rows(float* x, long long rows, int cols): x holds rows·cols floats
+    // (checked above); each warp reads and writes its own row.
+    unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::UNIT_ROWS, e))?;
+    Ok(())
+}
+
 /// `out[r] = Σ_c a[r, c] · b[r, c]` for `rows` rows of `cols`. `a` and `b` are f32 or bf16
 /// (widened on load); the products and sums are f32, `out` is f32.
 pub fn row_dot<T: ActElem>(
