@@ -1,14 +1,17 @@
 //! Incremental decoding: [`ReformerLm::start_decoding`] makes empty per-layer caches,
-//! [`ReformerLm::decode`] feeds bytes through them — a whole context (the prefill, a block of
-//! [`PREFILL_BLOCK`] positions at a time) or one new byte (a step) — and returns the logits of
-//! the next byte. A step never passes over the context: each layer takes one new position
-//! through both reversible streams and attends to what its cache lists.
+//! [`ReformerLm::prefill`] fills them with a context by one full forward, and
+//! [`ReformerLm::decode`] feeds further bytes — one new byte (a step) or several, a block of
+//! [`PREFILL_BLOCK`] positions at a time — returning the logits of the next byte. A step never
+//! passes over the context: each layer takes one new position through both reversible streams
+//! and attends to what its cache lists.
 //!
-//! # Semantics: which keys a decoded query sees
+//! # Semantics: which keys a query sees
 //!
-//! Every position `t` is computed once, when it is fed, from the layers' inputs at positions
-//! `0..=t` as they were computed when those positions were fed; nothing earlier is recomputed.
-//! Per layer kind:
+//! The prefilled context's positions have exactly a full forward's states over the context
+//! (the prefill *is* the forward, with the decoder's rotations). Every position fed with
+//! `decode` is computed once, when it is fed, from the layers' inputs at positions `0..=t` as
+//! they were computed then; nothing earlier is recomputed. Per layer kind, a fed position `t`
+//! sees:
 //!
 //! * **local**: the keys of `t`'s chunk and the previous one, `(t/m − 1)·m ..= t` — exactly a
 //!   full forward's row `t`. The cache is a ring of the last `PREFILL_BLOCK + 2m` keys and
@@ -18,34 +21,36 @@
 //! * **LSH**: in each round, the keys the *last* query of a full forward over positions `0..=t`
 //!   sees: the positions `0..=t` sorted by `(bucket, position)` and cut into chunks of `m`,
 //!   `t`'s chunk and its look-back chunk (chunk 0 looks back at the last; one chunk has no
-//!   look-back); rounds combine by logsumexp. The cache holds every key, value and bucket; a
-//!   per-(head, round) [`BucketIndex`] finds the two chunks in `O(m + log b)` without sorting.
+//!   look-back); rounds combine by logsumexp. The cache holds every unit key, value and bucket;
+//!   a per-(head, round) [`BucketIndex`] finds the two chunks in `O(m + log b)` without sorting.
 //!
 //! So a model without LSH layers decodes exactly what a full forward over the prefix computes
-//! (`ReformerLm::next_logits`), at every position. With LSH layers the first LSH layer's row
-//! `t` still equals the full forward's, but a full forward re-sorts every position when the
-//! sequence grows — earlier rows' chunks move — while the decoder keeps earlier positions'
-//! states as they were computed when they were generated (as trax's predict mode and Hugging
+//! (`ReformerLm::next_logits`), at every position, and `prefill` equals `decode` of the same
+//! bytes. With LSH layers the first LSH layer's row `t` still equals the full forward's, but a
+//! full forward re-sorts every position when the sequence grows — earlier rows' chunks move, so
+//! in a full forward an earlier position's output depends on later tokens — while the decoder
+//! keeps earlier positions' states as they were computed (as trax's predict mode and Hugging
 //! Face's `past_buckets_states` do). Deeper layers therefore see slightly different inputs than
-//! a full forward over the same prefix. `tests/model_decode.rs` checks the decoder against a
-//! slow reference of exactly these semantics.
+//! a full forward over the same prefix. `decode` of `c` bytes then `n` steps leaves exactly the
+//! state of `decode` of the `c + n` bytes; `prefill` of `c` then `n` steps differs from it only
+//! in the LSH states of the first `c` positions. `tests/model_decode.rs` checks the decoder
+//! against a slow reference of exactly these semantics.
 //!
 //! The rotations are drawn once, for the decoder's capacity (a full forward over that many
 //! positions would draw the same), with the evaluation step context `StepContext::eval(0)`, the
 //! one generation always used; the rounds are the model's at [`ReformerLm::start_decoding`].
-//! A prefill of `c` bytes followed by `n` steps leaves the same state as a prefill of `c + n`.
 //! Feeding more positions than the capacity is [`ReformerError::DecodeCapacity`].
 
 use reformer_lsh::{
-    insert_and_list, scaled_rule, shared_qk_rule, BucketIndex, CachedAttention, CachedKeys,
-    Rotations,
+    insert_all, insert_and_list, scaled_rule, shared_qk_rule, BucketIndex, CachedAttention,
+    CachedKeys, Rotations,
 };
 use reformer_reversible::{layer_rotations, AttentionKind, StepContext};
 
 use crate::backend::{Backend, Strided};
 use crate::config::VOCAB;
 use crate::error::{ReformerError, Result};
-use crate::layers::{blocks, rows_in, rows_out, AttnLayer, LnBlock};
+use crate::layers::{blocks, rows_in, rows_out, AttnLayer, LnBlock, Seqs};
 use crate::model::{HeadRows, ReformerLm};
 
 /// Positions the prefill feeds through the stack at a time.
@@ -209,26 +214,28 @@ impl AttnLayer {
         })
     }
 
-    /// `out += Attn(x)` for the `n` new positions `p0..p0 + n` (rows of `x` and `out`), their
-    /// keys and values appended to `cache` first.
+    /// Projects rows `x0..x0 + n` of `x` (positions `p0..p0 + n`), writes their keys and values
+    /// into `cache` and, for LSH, their buckets into the index: returns the queries `[n, H·dh]`
+    /// and, with `lists` (LSH), each new query's keys.
     #[allow(clippy::too_many_arguments)]
-    fn decode_add<B: Backend>(
+    fn append<B: Backend>(
         &self,
         b: &B,
         vals: &[B::Buf],
         x: &B::Buf,
-        out: &mut B::Buf,
+        x0: usize,
         p0: usize,
         n: usize,
         cache: &mut LayerCache<B>,
-    ) -> Result<()> {
+        lists: bool,
+    ) -> Result<(B::Act, Option<Vec<u32>>)> {
         let (d, w, dh, heads) = (
             self.cfg.d_model,
             self.width(),
             self.cfg.d_head,
             self.cfg.n_heads,
         );
-        let (chunk, m) = (self.cfg.ff_chunk.min(n).max(1), self.cfg.chunk_len);
+        let chunk = self.cfg.ff_chunk.min(n).max(1);
         let shared_qk = !matches!(cache, LayerCache::Local { .. });
         // Projections, a block of rows at a time: the queries into `q`, keys and values into
         // the cache.
@@ -236,7 +243,7 @@ impl AttnLayer {
         let mut ln = LnBlock::new(b, chunk, d)?;
         let mut p = b.alloc(&[chunk, w])?;
         for (r0, c) in blocks(n, self.cfg.ff_chunk) {
-            ln.load(b, vals, (self.ln_g, self.ln_b), x, r0, c, d)?;
+            ln.load(b, vals, (self.ln_g, self.ln_b), x, x0 + r0, c, d)?;
             for (i, &wi) in self.proj.iter().enumerate() {
                 b.gemm(&mut p, &ln.ln, &vals[wi], c, d, w, false, false, false)?;
                 let pos = p0 + r0;
@@ -277,17 +284,48 @@ impl AttnLayer {
             }
         }
         drop((ln, p));
+        let keys = match cache {
+            LayerCache::Lsh { rot, index, .. } => {
+                let buckets = b.lsh_buckets(&q, n, heads, rot)?;
+                if lists {
+                    Some(insert_and_list(index, &buckets, n, self.cfg.chunk_len))
+                } else {
+                    insert_all(index, &buckets, n);
+                    None
+                }
+            }
+            _ => None,
+        };
+        Ok((q, keys))
+    }
+
+    /// `out += Attn(x)` for the `n` new positions `p0..p0 + n` (rows of `x` and `out`), their
+    /// keys and values appended to `cache` first.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_add<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        x: &B::Buf,
+        out: &mut B::Buf,
+        p0: usize,
+        n: usize,
+        cache: &mut LayerCache<B>,
+    ) -> Result<()> {
+        let (d, w, dh, heads) = (
+            self.cfg.d_model,
+            self.width(),
+            self.cfg.d_head,
+            self.cfg.n_heads,
+        );
+        let (chunk, m) = (self.cfg.ff_chunk.min(n).max(1), self.cfg.chunk_len);
+        let (q, lists) = self.append(b, vals, x, 0, p0, n, cache, true)?;
         let q_pos: Vec<u32> = (p0..p0 + n).map(|p| p as u32).collect();
         let o = match cache {
             LayerCache::Lsh {
-                qk,
-                v,
-                rows,
-                rot,
-                index,
+                qk, v, rows, rot, ..
             } => {
-                let buckets = b.lsh_buckets(&q, n, heads, rot)?;
-                let lists = insert_and_list(index, &buckets, n, m);
+                let lists = lists.ok_or_else(|| ReformerError::Config("no key lists".into()))?;
                 let a = CachedAttention {
                     heads,
                     d: dh,
@@ -401,6 +439,63 @@ impl<B: Backend> ReformerLm<B> {
         let ((y1, y2), n) = last.ok_or_else(|| ReformerError::Config("no block fed".into()))?;
         let b = &self.backend;
         b.mark("decoding head");
+        let mut hs = HeadRows::new(b, 1, 2 * self.cfg.d_model)?;
+        self.head_forward(&mut hs, &y1, &y2, n - 1, 1)?;
+        let mut logits = b.download(&hs.logits)?;
+        logits.truncate(VOCAB);
+        Ok(logits)
+    }
+
+    /// Fills an empty state with `context` by one full forward over it (the attention of
+    /// every layer as in training and evaluation, at the forward's speed), writing each layer's
+    /// keys, values and buckets into the caches on the way; returns the logits after it — a
+    /// full forward's, [`ReformerLm::next_logits`], with the decoder's rotations. The context's
+    /// positions get a full forward's states (with LSH, each position's chunks among all of
+    /// the context's positions, later ones included); bytes fed afterwards with
+    /// [`ReformerLm::decode`] get the incremental semantics (module doc). Local and exact
+    /// layers give exactly what `decode(context)` gives.
+    pub fn prefill(&self, st: &mut DecodeState<B>, context: &[u8]) -> Result<Vec<f32>> {
+        if st.pos != 0 {
+            return Err(ReformerError::InvalidArgument(format!(
+                "prefill starts a decoding state, this one is at position {}: feed later bytes \
+                 with decode",
+                st.pos
+            )));
+        }
+        if context.is_empty() {
+            return Err(ReformerError::InvalidArgument(
+                "a prefill needs at least one byte".into(),
+            ));
+        }
+        let n = context.len();
+        if n > st.capacity {
+            return Err(ReformerError::DecodeCapacity {
+                needed: n,
+                capacity: st.capacity,
+                max_len: self.cfg.max_len(),
+            });
+        }
+        let b = &self.backend;
+        let seqs = Seqs::one(n);
+        b.mark("prefill: embedding");
+        let (mut y1, mut y2) = self.embed(context, &seqs)?;
+        let vals = &self.values[..];
+        for ((attn, ff), cache) in self.layers.iter().zip(&mut st.caches) {
+            b.mark(&format!("prefill: layer {} attention", attn.layer));
+            let rot = match cache {
+                LayerCache::Lsh { rot, .. } => Some(rot.clone()),
+                _ => None,
+            };
+            attn.forward_add_with(b, vals, &y2, &mut y1, 1.0, &seqs, &st.ctx, rot.as_ref())?;
+            b.mark(&format!("prefill: layer {} caches", attn.layer));
+            for (r0, c) in blocks(n, PREFILL_BLOCK) {
+                attn.append(b, vals, &y2, r0, r0, c, cache, false)?;
+            }
+            b.mark(&format!("prefill: layer {} feed-forward", attn.layer));
+            ff.forward_add(b, vals, &y1, &mut y2, 1.0, n, &st.ctx)?;
+        }
+        st.pos = n;
+        b.mark("prefill: head");
         let mut hs = HeadRows::new(b, 1, 2 * self.cfg.d_model)?;
         self.head_forward(&mut hs, &y1, &y2, n - 1, 1)?;
         let mut logits = b.download(&hs.logits)?;

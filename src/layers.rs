@@ -551,10 +551,27 @@ impl AttnLayer {
         ctx: &StepContext,
     ) -> Result<()> {
         let rot = self.rotations(seqs.len, ctx)?;
+        self.forward_add_with(b, vals, x, out, sign, seqs, ctx, rot.as_ref())
+    }
+
+    /// [`AttnLayer::forward_add`] with the LSH rotations given (the decoder's prefill draws
+    /// them for its capacity, not the context's length).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_add_with<B: Backend>(
+        &self,
+        b: &B,
+        vals: &[B::Buf],
+        x: &B::Buf,
+        out: &mut B::Buf,
+        sign: f32,
+        seqs: &Seqs,
+        ctx: &StepContext,
+        rot: Option<&reformer_lsh::Rotations>,
+    ) -> Result<()> {
         for grp in self.groups(seqs) {
             let mask = self.mask(b, grp)?;
             let call = self.call::<B>(grp, mask.as_ref());
-            let acts = self.heads_forward(b, vals, x, grp, rot.as_ref(), &call)?;
+            let acts = self.heads_forward(b, vals, x, grp, rot, &call)?;
             self.output_add(b, vals, acts.out(), grp, out, sign, ctx)?;
         }
         Ok(())

@@ -406,7 +406,7 @@ impl<B: Backend> ReformerLm<B> {
 
     /// `(X1, X2)`: token embedding plus axial positions (each sequence from position 0),
     /// duplicated.
-    fn embed(&self, inputs: &[u8], seqs: &Seqs) -> Result<(B::Buf, B::Buf)> {
+    pub(crate) fn embed(&self, inputs: &[u8], seqs: &Seqs) -> Result<(B::Buf, B::Buf)> {
         let (b, d) = (&self.backend, self.cfg.d_model);
         let (rows, len) = (seqs.rows(), seqs.len);
         let mut x = b.alloc(&[rows, d])?;

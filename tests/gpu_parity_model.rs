@@ -179,9 +179,9 @@ fn the_bf16_device_plan_equals_the_measured_pool_peak() {
     );
 }
 
-/// The incremental decoder on the GPU (its caches, `cached_attention.cu`, host-side bucket
-/// indexes) against the CPU's, logits at every position of a prefill and 40 steps, every
-/// attention kind, 2 rounds; relative 1e-4 of the largest logit.
+/// The incremental decoder on the GPU (its caches, `cached_attention.cu`, `ew_unit_rows`,
+/// host-side bucket indexes) against the CPU's: logits after a prefill, a block of 20 bytes and
+/// 20 single steps, every attention kind, 2 rounds; relative 1e-4 of the largest logit.
 #[test]
 fn decoding_matches_the_cpu() {
     let Some(b) = backend("decoding_matches_the_cpu") else {
@@ -206,14 +206,23 @@ fn decoding_matches_the_cpu() {
     );
     let prefill = 100;
     let mut worst = 0.0f32;
-    for (i, chunk) in std::iter::once(&text[..prefill])
-        .chain(text[prefill..].chunks(1))
+    // The prefill (a full forward), then a block fed incrementally, then single steps.
+    for (i, chunk) in [&text[..prefill], &text[prefill..prefill + 20]]
+        .into_iter()
+        .chain(text[prefill + 20..].chunks(1))
         .enumerate()
     {
-        let (g, c) = (
-            gpu.decode(&mut sg, chunk).unwrap(),
-            cpu.decode(&mut sc, chunk).unwrap(),
-        );
+        let (g, c) = if i == 0 {
+            (
+                gpu.prefill(&mut sg, chunk).unwrap(),
+                cpu.prefill(&mut sc, chunk).unwrap(),
+            )
+        } else {
+            (
+                gpu.decode(&mut sg, chunk).unwrap(),
+                cpu.decode(&mut sc, chunk).unwrap(),
+            )
+        };
         let scale = model_common::max_abs(&c).max(1.0);
         let err = g
             .iter()

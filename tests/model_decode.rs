@@ -115,6 +115,59 @@ fn every_layer_kind_decodes_the_stated_semantics() {
     }
 }
 
+/// The fast prefill (one full forward) then steps, against the reference with the same
+/// semantics: the context's positions with a full forward's states, later ones incremental.
+#[test]
+fn a_prefill_is_a_full_forward_and_steps_go_on_from_it() {
+    use Attention::{Exact, Local, Lsh};
+    for (kinds, rounds, seed) in [(vec![Lsh, Local, Lsh], 2, 17), (vec![Local, Lsh], 3, 18)] {
+        let cfg = config(&kinds, rounds, seed);
+        let m = model(&cfg);
+        let text = tokens(90, seed + 1);
+        let (capacity, c) = (128, 40);
+        let mut st = m.start_decoding(capacity).unwrap();
+        let mut got = vec![m.prefill(&mut st, &text[..c]).unwrap()];
+        for t in c..text.len() {
+            got.push(m.decode(&mut st, &text[t..t + 1]).unwrap());
+        }
+        // The prefill's logits are a full forward's (4 buckets at every length from 16 on).
+        let full = m.next_logits(&text[..c], &StepContext::eval(0)).unwrap();
+        assert_tensor_close("prefill vs full forward", &got[0], &full, TOL, 1.0);
+        let snap = m.snapshot().unwrap();
+        let reference = RefModel::new(&cfg, snap.names, snap.shapes, snap.values);
+        let want = reference.prefilled_logits(&text, capacity, c);
+        for (i, g) in got.iter().enumerate() {
+            let t = c - 1 + i;
+            let what = format!("{kinds:?}, {rounds} rounds, position {t}");
+            assert_tensor_close(&what, g, &want[t], TOL, 1.0);
+        }
+    }
+    // Without LSH layers the prefill leaves exactly the state of feeding the context.
+    let mut cfg = config(&[Local, Exact, Local], 1, 19);
+    // Past one prefill block, so the local rings wrap.
+    cfg.axial_shape = (64, 64);
+    let m = model(&cfg);
+    let text = tokens(1500, 20);
+    let (mut a, mut b) = (
+        m.start_decoding(1600).unwrap(),
+        m.start_decoding(1600).unwrap(),
+    );
+    let la = m.prefill(&mut a, &text).unwrap();
+    let lb = m.decode(&mut b, &text).unwrap();
+    assert_tensor_close("logits", &la, &lb, TOL, 1.0);
+    for (i, (x, y)) in a
+        .contents(m.backend())
+        .unwrap()
+        .iter()
+        .zip(&b.contents(m.backend()).unwrap())
+        .enumerate()
+    {
+        assert_tensor_close(&format!("cache {i}"), x, y, TOL, 1.0);
+    }
+    // A prefill starts a state.
+    assert!(m.prefill(&mut a, b"x").is_err());
+}
+
 #[test]
 fn prefill_then_steps_equals_one_longer_prefill() {
     use Attention::{Exact, Local, Lsh};
@@ -194,16 +247,16 @@ fn the_decoding_plan_is_the_pools_peak() {
     let mut cfg = config(&[Attention::Local, Attention::Lsh, Attention::Exact], 2, 15);
     cfg.axial_shape = (64, 64);
     let threads = rayon::current_num_threads();
-    let plan = DecodePlan::new(&cfg, 2100, PlanTarget::Cpu { threads }, DType::F32).unwrap();
+    let plan = DecodePlan::new(&cfg, 2058, 2100, PlanTarget::Cpu { threads }, DType::F32).unwrap();
     let pool = MemoryPool::unlimited();
     let m = ReformerLm::new(CpuBackend::new(&pool), &cfg).unwrap();
     assert_eq!(pool.live_bytes(), plan.model);
     let mut st = m.start_decoding(2100).unwrap();
     assert_eq!(st.device_bytes(), plan.caches);
-    // A block of the prefill is the peak; a longer prefill (two full blocks) and the steps
-    // stay below it.
-    m.decode(&mut st, &tokens(2 * 1024 + 10, 16)).unwrap();
+    // A prefill of 2058 positions and steps; feeding blocks incrementally stays below it.
+    m.prefill(&mut st, &tokens(2 * 1024 + 10, 16)).unwrap();
     m.decode(&mut st, b"x").unwrap();
+    m.decode(&mut st, &tokens(20, 17)).unwrap();
     assert_eq!(pool.peak_bytes(), plan.peak, "{plan}");
 }
 
@@ -241,7 +294,7 @@ fn greedy_decoding_agrees_with_the_no_cache_method() {
         forced.push(*no_cache.last().unwrap());
     }
     let mut st = m.start_decoding(forced.len()).unwrap();
-    let mut logits = m.decode(&mut st, prompt).unwrap();
+    let mut logits = m.prefill(&mut st, prompt).unwrap();
     let mut same = 0;
     for (i, &b) in no_cache.iter().enumerate() {
         same += usize::from(argmax(&logits) == b);

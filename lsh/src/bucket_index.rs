@@ -145,21 +145,50 @@ pub fn insert_and_list(
     m: usize,
 ) -> Vec<u32> {
     let width = 2 * m.max(1);
+    if rows == 0 {
+        return Vec::new();
+    }
     let mut lists = vec![NO_KEY; indexes.len() * rows * width];
+    let fill = |(index, lists): (&mut BucketIndex, &mut [u32]), buckets: &[u32]| {
+        let mut keys = Vec::with_capacity(width);
+        for (list, &b) in lists.chunks_exact_mut(width).zip(buckets) {
+            let rank = index.insert(b);
+            keys.clear();
+            index.window(rank, m, &mut keys);
+            list[..keys.len()].copy_from_slice(&keys);
+        }
+    };
+    if rows < 16 {
+        // A decoding step: a few hundred positions to list, less than waking the pool.
+        for ((index, lists), buckets) in indexes
+            .iter_mut()
+            .zip(lists.chunks_mut(rows * width))
+            .zip(buckets.chunks(rows))
+        {
+            fill((index, lists), buckets);
+        }
+    } else {
+        indexes
+            .par_iter_mut()
+            .zip(lists.par_chunks_mut(rows * width))
+            .zip(buckets.par_chunks(rows))
+            .for_each(|((index, lists), buckets)| fill((index, lists), buckets));
+    }
+    lists
+}
+
+/// Inserts `rows` new positions into the indexes of every (head, round), as
+/// [`insert_and_list`] does, without listing their keys (a prefill whose attention a full
+/// forward computed).
+pub fn insert_all(indexes: &mut [BucketIndex], buckets: &[u32], rows: usize) {
     indexes
         .par_iter_mut()
-        .zip(lists.par_chunks_mut(rows * width))
-        .zip(buckets.par_chunks(rows))
-        .for_each(|((index, lists), buckets)| {
-            let mut keys = Vec::with_capacity(width);
-            for (list, &b) in lists.chunks_exact_mut(width).zip(buckets) {
-                let rank = index.insert(b);
-                keys.clear();
-                index.window(rank, m, &mut keys);
-                list[..keys.len()].copy_from_slice(&keys);
+        .zip(buckets.par_chunks(rows.max(1)))
+        .for_each(|(index, buckets)| {
+            for &b in buckets {
+                index.insert(b);
             }
         });
-    lists
 }
 
 #[cfg(test)]

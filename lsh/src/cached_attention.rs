@@ -204,32 +204,39 @@ pub fn cached_attention(
     a.check(queries, q.len(), k_cache.len(), v_cache.len(), out.len())?;
     let (heads, d) = (a.heads, a.d);
     let w = heads * d;
-    out[..queries * w]
-        .par_chunks_mut(d)
-        .enumerate()
-        .for_each_init(Scratch::default, |s, (task, o)| {
-            let (i, h) = (task / heads, task % heads);
-            let q_row = &q[i * w + h * d..i * w + (h + 1) * d];
-            o.fill(0.0);
-            // Rounds combine by logsumexp in f64, as the LSH forward combines them.
-            let mut z_acc = f64::NEG_INFINITY;
-            for r in 0..a.keys.rounds() {
-                s.pos.clear();
-                a.keys.collect(i, queries, h, r, &mut s.pos);
-                let z = attend_round(q_row, q_pos[i], k_cache, v_cache, a, h, s);
-                if z == f32::NEG_INFINITY {
-                    continue;
-                }
-                let z = z as f64;
-                let m = z_acc.max(z);
-                let z_new = m + ((z_acc - m).exp() + (z - m).exp()).ln();
-                let (wa, wb) = ((z_acc - z_new).exp() as f32, (z - z_new).exp() as f32);
-                for (o, x) in o.iter_mut().zip(&s.acc) {
-                    *o = wa * *o + wb * x;
-                }
-                z_acc = z_new;
+    let task = |s: &mut Scratch, (task, o): (usize, &mut [f32])| {
+        let (i, h) = (task / heads, task % heads);
+        let q_row = &q[i * w + h * d..i * w + (h + 1) * d];
+        o.fill(0.0);
+        // Rounds combine by logsumexp in f64, as the LSH forward combines them.
+        let mut z_acc = f64::NEG_INFINITY;
+        for r in 0..a.keys.rounds() {
+            s.pos.clear();
+            a.keys.collect(i, queries, h, r, &mut s.pos);
+            let z = attend_round(q_row, q_pos[i], k_cache, v_cache, a, h, s);
+            if z == f32::NEG_INFINITY {
+                continue;
             }
-        });
+            let z = z as f64;
+            let m = z_acc.max(z);
+            let z_new = m + ((z_acc - m).exp() + (z - m).exp()).ln();
+            let (wa, wb) = ((z_acc - z_new).exp() as f32, (z - z_new).exp() as f32);
+            for (o, x) in o.iter_mut().zip(&s.acc) {
+                *o = wa * *o + wb * x;
+            }
+            z_acc = z_new;
+        }
+    };
+    let out = &mut out[..queries * w];
+    if queries < 4 {
+        // A decoding step: waking the pool costs more than its few hundred keys.
+        let mut s = Scratch::default();
+        out.chunks_mut(d).enumerate().for_each(|t| task(&mut s, t));
+    } else {
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(Scratch::default, task);
+    }
     Ok(())
 }
 

@@ -20,7 +20,7 @@ pub mod lsh_attention;
 pub mod sort;
 
 pub use block::ScoreRule;
-pub use bucket_index::{insert_and_list, BucketIndex};
+pub use bucket_index::{insert_all, insert_and_list, BucketIndex};
 pub use cached_attention::{cached_attention, CachedAttention, CachedKeys, NO_KEY};
 pub use error::{AttentionError, Result};
 pub use exact_attention::{

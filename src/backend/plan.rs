@@ -839,8 +839,21 @@ impl Backend for PlanBackend {
         a: &CachedAttention<'_>,
     ) -> Result<PlanBuf> {
         // The kernel keeps its tiles in registers and shared memory (CUDA) or per-thread
-        // scratch of a few KiB (CPU): only the output is a buffer.
-        self.alloc(&[q_pos.len(), a.heads * a.d])
+        // scratch of a few KiB (CPU): the output is a buffer, and on CUDA the queries'
+        // positions and keys, uploaded for the call.
+        let out = self.alloc(&[q_pos.len(), a.heads * a.d])?;
+        if self.target == PlanTarget::Cuda {
+            let keys = match a.keys {
+                reformer_lsh::CachedKeys::Lists { pos, .. } => pos.len(),
+                reformer_lsh::CachedKeys::Ranges(r) => 2 * r.len(),
+            };
+            let uploads = (
+                self.u32s("decoding: query positions", q_pos.len()),
+                self.u32s("decoding: key lists", keys),
+            );
+            drop(uploads);
+        }
+        Ok(out)
     }
 
     fn unit_rows(&self, _x: &mut PlanBuf, _rows: usize, _cols: usize) -> Result<()> {
@@ -939,12 +952,13 @@ impl MemoryPlan {
 }
 
 /// The memory of decoding one sequence of up to `capacity` positions (see [`crate::decode`]):
-/// the model, the caches (allocated up front for the whole capacity) and the peak of feeding one
-/// prefill block (a step feeds one position and needs less). The bucket indexes of the LSH
+/// the model, the caches (allocated up front for the whole capacity) and the peak of a prefill
+/// of `context` positions (one full forward) followed by steps. The bucket indexes of the LSH
 /// layers live on the host and grow with the position (`DecodeState::index_bytes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodePlan {
     pub target: PlanTarget,
+    pub context: usize,
     pub capacity: usize,
     pub act: DType,
     /// Parameters and their gradient buffers (the model allocates both).
@@ -954,7 +968,13 @@ pub struct DecodePlan {
 }
 
 impl DecodePlan {
-    pub fn new(cfg: &ModelConfig, capacity: usize, target: PlanTarget, act: DType) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        context: usize,
+        capacity: usize,
+        target: PlanTarget,
+        act: DType,
+    ) -> Result<Self> {
         let backend = PlanBackend::for_target(target).with_act_dtype(act)?;
         let reg = Rc::clone(&backend.reg);
         let mut lm = ReformerLm::for_config(backend, cfg)?;
@@ -963,11 +983,14 @@ impl DecodePlan {
         lm.backend().reset_peak();
         let mut st = lm.start_decoding(capacity)?;
         let caches = reg.borrow().live - model;
-        let block = vec![0u8; capacity.min(crate::decode::PREFILL_BLOCK)];
-        lm.decode(&mut st, &block)?;
+        lm.prefill(&mut st, &vec![0u8; context.clamp(1, capacity)])?;
+        if context < capacity {
+            lm.decode(&mut st, &[0])?;
+        }
         let peak = reg.borrow().peak;
         Ok(Self {
             target,
+            context,
             capacity,
             act,
             model,
@@ -981,12 +1004,13 @@ impl fmt::Display for DecodePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "decoding plan ({}, dry run): {} positions, {} activations: model {}, caches {}, \
-             peak {}",
+            "decoding plan ({}, dry run): a prefill of {} positions, caches for {}, {} \
+             activations: model {}, caches {}, peak {}",
             match self.target {
                 PlanTarget::Cuda => "CUDA backend".to_string(),
                 PlanTarget::Cpu { threads } => format!("CPU backend, {threads} threads"),
             },
+            self.context,
             self.capacity,
             format!("{:?}", self.act).to_lowercase(),
             human_bytes(self.model),

@@ -268,12 +268,27 @@ fn lsh_pattern(qk: &[f64], dh: usize, rot: &Rotations, chunk: usize, causal: boo
     p
 }
 
-/// The decoder's LSH pattern (`src/decode.rs`): row `i` is the last row of [`lsh_pattern`] over
-/// the prefix `0..=i` alone — what a query sees when it is decoded after positions `0..i`.
-fn lsh_prefix_pattern(qk: &[f64], dh: usize, rot: &Rotations, chunk: usize) -> Pattern {
+/// The decoder's LSH pattern (`src/decode.rs`): rows below `prefilled` are those of a full
+/// forward over `0..prefilled` (the prefill); every later row `i` is the last row of
+/// [`lsh_pattern`] over the prefix `0..=i` alone — what a query sees when it is decoded after
+/// positions `0..i`.
+fn lsh_prefix_pattern(
+    qk: &[f64],
+    dh: usize,
+    rot: &Rotations,
+    chunk: usize,
+    prefilled: usize,
+) -> Pattern {
     let len = qk.len() / dh;
     let mut p = vec![0.0; len * len];
-    for i in 0..len {
+    let f = prefilled.min(len);
+    if f > 0 {
+        let full = lsh_pattern(&qk[..f * dh], dh, rot, chunk, true);
+        for i in 0..f {
+            p[i * len..i * len + f].copy_from_slice(&full[i * f..(i + 1) * f]);
+        }
+    }
+    for i in f..len {
         let n = i + 1;
         let prefix = lsh_pattern(&qk[..n * dh], dh, rot, chunk, true);
         p[i * len..i * len + n].copy_from_slice(&prefix[i * n..(i + 1) * n]);
@@ -522,8 +537,9 @@ pub struct RefModel {
     pub shapes: Vec<Vec<usize>>,
     pub values: Vec<Vec<f32>>,
     /// The decoder's semantics instead of a full forward's: LSH layers use
-    /// [`lsh_prefix_pattern`] with rotations drawn for this many positions.
-    decoding: Option<usize>,
+    /// [`lsh_prefix_pattern`] with rotations drawn for this many positions, after a prefill of
+    /// this many.
+    decoding: Option<(usize, usize)>,
 }
 
 impl RefModel {
@@ -556,8 +572,19 @@ impl RefModel {
     /// them with caches for `capacity` positions (`src/decode.rs`: rotations for `capacity`
     /// positions, every position computed once from its prefix, `StepContext::eval(0)`).
     pub fn decoded_logits(&self, inputs: &[u8], capacity: usize) -> Vec<Vec<f32>> {
+        self.prefilled_logits(inputs, capacity, 0)
+    }
+
+    /// As [`RefModel::decoded_logits`] after a prefill of the first `prefilled` positions (a
+    /// full forward over them).
+    pub fn prefilled_logits(
+        &self,
+        inputs: &[u8],
+        capacity: usize,
+        prefilled: usize,
+    ) -> Vec<Vec<f32>> {
         let mut m = self.clone();
-        m.decoding = Some(capacity);
+        m.decoding = Some((capacity, prefilled));
         m.logits(inputs, &StepContext::eval(0))
     }
 
@@ -704,7 +731,7 @@ impl RefModel {
             .iter()
             .map(|name| matmul(&x_ln, w.get(&format!("{pre}.{name}")), len, d, width))
             .collect();
-        let rot_len = self.decoding.unwrap_or(len);
+        let rot_len = self.decoding.map_or(len, |d| d.0);
         let rot = (lc.attention == AttentionKind::Lsh)
             .then(|| layer_rotations(lc, layer, rot_len, ctx).expect("LSH rotations"));
         let mut heads = Vec::new();
@@ -716,7 +743,9 @@ impl RefModel {
                     // Shared QK: queries are the raw qk, keys their unit vectors, scale 1.
                     let (qk, v) = (head(&proj[0]), head(&proj[1]));
                     let count = match (&rot, self.decoding) {
-                        (Some(rot), Some(_)) => lsh_prefix_pattern(&qk, dh, rot, lc.chunk_len),
+                        (Some(rot), Some((_, f))) => {
+                            lsh_prefix_pattern(&qk, dh, rot, lc.chunk_len, f)
+                        }
                         (Some(rot), None) => lsh_pattern(&qk, dh, rot, lc.chunk_len, lc.causal),
                         (None, _) => exact_pattern(len, lc.causal),
                     };
