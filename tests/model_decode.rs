@@ -323,3 +323,45 @@ fn greedy_decoding_agrees_with_the_no_cache_method() {
 fn argmax(l: &[f32]) -> u8 {
     (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u8
 }
+
+/// bf16 caches and queries (the GPU's storage, rounded where it rounds) against f32: the
+/// logits within 1e-2 of the largest, local and exact layers (LSH would hash the rounded
+/// queries, moving positions near a bucket boundary, as another hash seed would).
+#[test]
+fn bf16_caches_stay_close_to_f32() {
+    use reformer_engine::DType;
+    let cfg = config(
+        &[Attention::Local, Attention::Exact, Attention::Local],
+        1,
+        22,
+    );
+    let pool = MemoryPool::unlimited();
+    let f32m = ReformerLm::new(CpuBackend::new(&pool), &cfg).unwrap();
+    let bf16 = CpuBackend::new(&pool).with_act_dtype(DType::BF16).unwrap();
+    let b16m = ReformerLm::new(bf16, &cfg).unwrap();
+    let text = tokens(120, 23);
+    let (mut a, mut b) = (
+        f32m.start_decoding(120).unwrap(),
+        b16m.start_decoding(120).unwrap(),
+    );
+    let (mut la, mut lb) = (
+        f32m.prefill(&mut a, &text[..60]).unwrap(),
+        b16m.prefill(&mut b, &text[..60]).unwrap(),
+    );
+    let mut worst = 0.0f32;
+    for t in 60..120 {
+        let scale = model_common::max_abs(&la).max(1.0);
+        let err = la
+            .iter()
+            .zip(&lb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(err <= 1e-2 * scale, "position {t}: {err} of {scale}");
+        worst = worst.max(err / scale);
+        la = f32m.decode(&mut a, &text[t..t + 1]).unwrap();
+        lb = b16m.decode(&mut b, &text[t..t + 1]).unwrap();
+    }
+    // The rounding is there: bf16 is not f32.
+    assert!(worst > 1e-6, "bf16 gave f32's logits ({worst})");
+    eprintln!("bf16 decoding: worst logit difference {worst:.2e} of the largest");
+}
