@@ -12,6 +12,9 @@
 //! * [`init`]: the initial parameter values of a config.
 //! * [`optim`]: Adam's update and the warmup + cosine schedule.
 //! * [`data`]: any file as bytes, train/validation split, seeded windows.
+//! * [`evaluate`]: held-out bits per byte of a model on any bytes, on windows of a stated
+//!   length, with the hash rounds as an option.
+//! * [`duplication`]: the paper's synthetic task `0 w 0 w`, scored on its second half.
 //! * [`checkpoint`]: atomic safetensors checkpoints with typed load errors.
 //! * [`generate`]: temperature / top-k sampling.
 //! * [`train`]: the training loop, evaluation, save and resume.
@@ -23,7 +26,9 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod duplication;
 pub mod error;
+pub mod evaluate;
 pub mod generate;
 pub mod init;
 pub mod layers;
@@ -36,6 +41,7 @@ pub use checkpoint::{Checkpoint, CheckpointError, Moments, Snapshot, TrainState}
 pub use config::{Attention, ModelConfig, PRESETS, VOCAB};
 pub use data::{DataError, TextData};
 pub use error::{ReformerError, Result};
+pub use evaluate::{EvalOptions, Evaluation};
 pub use generate::{generate, SampleOptions};
 pub use model::{param_specs, ReformerLm};
 pub use optim::{AdamConfig, LrSchedule};
