@@ -239,11 +239,18 @@ fn bench<B: Backend>(
             row.no_cache = Some((args.no_cache_new, t.elapsed().as_secs_f64()));
         }
         cli::errln(format_args!(
-            "context {context}: forward {:.3} s, prefill {:.3} s ({:.0}% of the forward's \
-             rate), decode {:.0} bytes/s (median step {:.2} ms), no cache {}",
-            row.forward_s,
+            "context {context}: {}prefill {:.3} s, decode {:.0} bytes/s (median step {:.2} \
+             ms), no cache {}",
+            if row.forward_s.is_nan() {
+                String::new()
+            } else {
+                format!(
+                    "forward {:.3} s ({:.0}% of its rate in the prefill), ",
+                    row.forward_s,
+                    100.0 * row.forward_s / row.prefill_s
+                )
+            },
             row.prefill_s,
-            100.0 * row.forward_s / row.prefill_s,
             row.decode_rate(),
             1e3 * row.step_median_s,
             row.no_cache_rate()

@@ -35,7 +35,8 @@ use reformer::cli::{
     self, CliError, Interval, Metrics, MetricsRow, SampleEnd, CHECKPOINT_FILE, METRICS_FILE,
 };
 use reformer::config::{Attention, PRESETS};
-use reformer::data::{TextData, DEFAULT_VALID_FRACTION};
+use reformer::data::{read_bytes, TextData, DEFAULT_VALID_FRACTION};
+use reformer::evaluate::{self, EvalOptions};
 use reformer::train::bits;
 use reformer::{param_specs, AdamConfig, LrSchedule, ModelConfig, SampleOptions, Trainer};
 use reformer_engine::{DType, MemoryPool};
@@ -51,8 +52,6 @@ const DEFAULT_TEXT: &str = "data/shakespeare.txt";
 const DEFAULT_STEPS: u64 = 2000;
 /// Steps timed before a --minutes budget sets the schedule's length.
 const SCHEDULE_FIT_STEPS: u64 = 10;
-/// Validation tokens per evaluation unless --eval-windows says otherwise.
-const EVAL_TOKENS: usize = 16384;
 
 const LR_RANGE: Interval = Interval::open_closed(0.0, 1.0);
 const BETA_RANGE: Interval = Interval::closed_open(0.0, 1.0);
@@ -209,9 +208,14 @@ struct Args {
     #[arg(long, allow_negative_numbers = true, value_parser = cli::int_parser(1usize, None))]
     eval_len: Option<usize>,
     /// Validation windows per evaluation [default: 16384 tokens' worth, at least 4; at most
-    /// those that fit the validation split].
+    /// those that fit the validation split or --eval-text].
     #[arg(long, allow_negative_numbers = true, value_parser = cli::int_parser(1usize, None))]
     eval_windows: Option<usize>,
+    /// Held-out text to validate on instead of the last 5% of --text (which then trains
+    /// whole): bits/byte on evenly spaced windows of --eval-len tokens, as the `evaluate` tool
+    /// measures a checkpoint.
+    #[arg(long, value_name = "FILE")]
+    eval_text: Option<PathBuf>,
     /// Hash rounds for evaluation and the sample (default: the preset's eval rounds).
     #[arg(long, allow_negative_numbers = true,
           value_parser = cli::int_parser(1usize, Some(MAX_ROUNDS)))]
@@ -504,10 +508,42 @@ fn check_resume_flags(args: &Args, m: &ArgMatches, ck: &Checkpoint) -> AnyResult
     }
 }
 
-/// Validation settings checked against the data: (window length, windows).
+/// Where validation windows come from: the text's held-out split, or --eval-text.
+struct Held {
+    label: PathBuf,
+    bytes: Vec<u8>,
+    what: String,
+}
+
+/// The held-out bytes: --eval-text's, or the text's validation split.
+fn held_out(args: &Args, data: &TextData) -> AnyResult<Held> {
+    match &args.eval_text {
+        Some(p) => {
+            cli::check_input_file("--eval-text", p)?;
+            let bytes = read_bytes(p)?;
+            let what = format!("--eval-text {} ({} bytes)", p.display(), bytes.len());
+            Ok(Held {
+                label: p.clone(),
+                bytes,
+                what,
+            })
+        }
+        None => Ok(Held {
+            label: data.path.clone(),
+            bytes: data.valid.clone(),
+            what: format!(
+                "the validation split of {} (its last 5%) holds {} bytes",
+                data.path.display(),
+                data.valid.len()
+            ),
+        }),
+    }
+}
+
+/// Validation settings checked against the held-out bytes: (window length, windows).
 fn eval_settings(
     args: &Args,
-    data: &TextData,
+    held: &Held,
     cfg: &ModelConfig,
     seq_len: usize,
 ) -> AnyResult<(usize, usize)> {
@@ -516,17 +552,17 @@ fn eval_settings(
         None => ("--eval-len (default: the sequence length)", seq_len),
     };
     cli::check_int(flag, eval_len, 1, cfg.max_len())?;
-    let room = data.valid.len().saturating_sub(1);
+    let available = held.bytes.len();
+    let room = available.saturating_sub(1);
     if eval_len > room {
         return Err(CliError::flag(
             flag,
             eval_len,
             format!(
-                "the validation split of {} (its last 5%) holds {} bytes, so a validation \
-                 window holds at most {room} tokens; give --eval-len {room} or less (validation \
-                 figures compare only at equal lengths), or use a longer text",
-                data.path.display(),
-                data.valid.len()
+                "{}, so a validation window holds at most {room} tokens; give --eval-len \
+                 {room} or less (validation figures compare only at equal lengths), or use a \
+                 longer text",
+                held.what
             ),
         )
         .into());
@@ -537,18 +573,22 @@ fn eval_settings(
              positions past {seq_len} keep their untrained embeddings"
         );
     }
-    let fit = (data.valid.len() / (eval_len + 1)).max(1);
+    let fit = evaluate::fitting_windows(available, eval_len);
     let windows = match args.eval_windows {
         Some(w) if w > fit => {
             say!(
-                "notice: --eval-windows {w}: only {fit} windows of {eval_len} tokens fit the \
-                 validation split ({} bytes); evaluating on {fit}",
-                data.valid.len()
+                "notice: --eval-windows {w}: only {fit} windows of {eval_len} tokens fit {} \
+                 ({available} bytes); evaluating on {fit}",
+                if args.eval_text.is_some() {
+                    "--eval-text"
+                } else {
+                    "the validation split"
+                }
             );
             fit
         }
         Some(w) => w,
-        None => (EVAL_TOKENS / eval_len).max(4).min(fit),
+        None => evaluate::default_windows(available, eval_len),
     };
     Ok((eval_len, windows))
 }
@@ -649,8 +689,14 @@ fn run(args: &Args, m: &ArgMatches) -> AnyResult<()> {
     };
     let cfg = start.config().clone();
     let seq_len = start.seq_len();
-    let data = TextData::load(&path, DEFAULT_VALID_FRACTION, seq_len)?;
-    let (eval_len, eval_windows) = eval_settings(args, &data, &cfg, seq_len)?;
+    // With --eval-text the whole text trains.
+    let fraction = match args.eval_text {
+        Some(_) => 0.0,
+        None => DEFAULT_VALID_FRACTION,
+    };
+    let data = TextData::load(&path, fraction, seq_len)?;
+    let held = held_out(args, &data)?;
+    let (eval_len, eval_windows) = eval_settings(args, &held, &cfg, seq_len)?;
 
     // Now the folder: created, checked writable, the old run removed only when asked.
     cli::prepare_out_dir("--out", &args.out)?;
@@ -697,6 +743,7 @@ fn run(args: &Args, m: &ArgMatches) -> AnyResult<()> {
         ckpt_path: &ckpt_path,
         eval_len,
         eval_windows,
+        held: &held,
         interrupt: &interrupt,
         metrics,
     };
@@ -727,6 +774,7 @@ struct Setup<'a> {
     ckpt_path: &'a Path,
     eval_len: usize,
     eval_windows: usize,
+    held: &'a Held,
     interrupt: &'a Interrupt,
     /// The metrics file, and the elapsed seconds its last row reached.
     metrics: (Metrics, f64),
@@ -746,9 +794,20 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, setup: Setup) -> AnyR
         ckpt_path,
         eval_len,
         eval_windows,
+        held,
         interrupt,
         metrics: (mut metrics, elapsed_before),
     } = setup;
+    // Validation: held-out bytes, fixed windows, the step's micro-batch per pass.
+    let opts = EvalOptions {
+        len: eval_len,
+        windows: Some(eval_windows),
+        rounds: args.eval_rounds,
+        batch: trainer.micro_batch,
+    };
+    let validate = |t: &mut Trainer<B>| {
+        evaluate::evaluate(&mut t.lm, &held.label, &held.bytes, &opts).map(|e| e.loss as f32)
+    };
     if let Some(steps) = args
         .steps
         .filter(|&s| args.resume.is_some() && s != trainer.state.schedule.total_steps)
@@ -779,7 +838,11 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, setup: Setup) -> AnyR
         trainer.state.step,
     );
     say!(
-        "validation: {eval_windows} windows of {eval_len} tokens, {} hash rounds, every {}",
+        "validation: {eval_windows} windows of {eval_len} tokens of {}, {} hash rounds, every {}",
+        match &args.eval_text {
+            Some(p) => p.display().to_string(),
+            None => "the validation split".to_string(),
+        },
         args.eval_rounds.unwrap_or(cfg.eval_rounds),
         match args.eval_every {
             0 => "run's end".to_string(),
@@ -884,7 +947,8 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, setup: Setup) -> AnyR
             continue;
         }
         if args.eval_every > 0 && step.is_multiple_of(args.eval_every) {
-            if let Some(v) = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds)? {
+            {
+                let v = validate(&mut trainer)?;
                 line(
                     &pb,
                     format!(
@@ -924,12 +988,13 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, setup: Setup) -> AnyR
         ),
         End::Finished => {}
     }
-    let val = trainer.evaluate_len(eval_len, eval_windows, args.eval_rounds);
+    let val = validate(&mut trainer);
     if let Some(mut row) = last_row {
-        row.val_bpb = val.as_ref().ok().copied().flatten().map(bits);
+        row.val_bpb = val.as_ref().ok().copied().map(bits);
         metrics.write(&row)?;
     }
-    if let Some(v) = val? {
+    {
+        let v = val?;
         say!(
             "final validation: {:.4} bits/byte after {step} steps ({} tokens); checkpoint {}",
             bits(v),
@@ -939,7 +1004,7 @@ fn train<B: Backend>(mut trainer: Trainer<B>, args: &Args, setup: Setup) -> AnyR
     }
 
     if args.sample_tokens > 0 {
-        let prompt = sample_prompt(&trainer.data.valid);
+        let prompt = sample_prompt(&held.bytes);
         let opts = SampleOptions {
             rounds: args.eval_rounds,
             ..SampleOptions::default()

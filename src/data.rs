@@ -51,19 +51,7 @@ pub struct TextData {
 impl TextData {
     /// Reads `path` and splits it; the training part must hold a sequence of `seq_len` + 1.
     pub fn load(path: &Path, valid_fraction: f64, seq_len: usize) -> Result<TextData, DataError> {
-        let bytes = std::fs::read(path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                DataError::Missing {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                DataError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
-        })?;
-        Self::from_bytes(path, bytes, valid_fraction, seq_len)
+        Self::from_bytes(path, read_bytes(path)?, valid_fraction, seq_len)
     }
 
     /// Splits `bytes` (read from `label`, used in errors).
@@ -137,18 +125,23 @@ impl TextData {
     /// Up to `max_windows` validation windows of `min(seq_len, valid.len() − 1) + 1` bytes,
     /// evenly spaced over the validation part (the same windows every time).
     pub fn valid_windows(&self, seq_len: usize, max_windows: usize) -> Vec<&[u8]> {
-        if self.valid.len() < 2 || seq_len == 0 || max_windows == 0 {
-            return Vec::new();
-        }
-        let len = seq_len.min(self.valid.len() - 1) + 1;
-        let room = self.valid.len() - len;
-        let fits = self.valid.len() / len;
-        let n = max_windows.min(fits.max(1));
-        (0..n)
-            .map(|i| {
-                let offset = if n > 1 { room * i / (n - 1) } else { 0 };
-                &self.valid[offset..offset + len]
-            })
-            .collect()
+        let len = seq_len.min(self.valid.len().saturating_sub(1));
+        crate::evaluate::windows(&self.valid, len, max_windows)
     }
+}
+
+/// The bytes of the file at `path` ([`DataError::Missing`] when there is none).
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
+    std::fs::read(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            DataError::Missing {
+                path: path.to_path_buf(),
+            }
+        } else {
+            DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
 }

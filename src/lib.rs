@@ -12,8 +12,12 @@
 //! * [`init`]: the initial parameter values of a config.
 //! * [`optim`]: Adam's update and the warmup + cosine schedule.
 //! * [`data`]: any file as bytes, train/validation split, seeded windows.
+//! * [`evaluate`]: held-out bits per byte of a model on any bytes, on windows of a stated
+//!   length, with the hash rounds as an option.
+//! * [`duplication`]: the paper's synthetic task `0 w 0 w`, scored on its second half.
 //! * [`checkpoint`]: atomic safetensors checkpoints with typed load errors.
-//! * [`generate`]: temperature / top-k sampling.
+//! * [`decode`]: incremental decoding with per-layer caches (prefill, then one step per byte).
+//! * [`generate`]: temperature / top-k sampling over the decoder.
 //! * [`train`]: the training loop, evaluation, save and resume.
 //! * [`cli`]: what the command-line tools share: flag checks naming flag, value and range,
 //!   output a closed pipe cannot crash, run folders that are not overwritten, metrics rows.
@@ -25,7 +29,9 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod decode;
+pub mod duplication;
 pub mod error;
+pub mod evaluate;
 pub mod generate;
 pub mod init;
 pub mod layers;
@@ -39,6 +45,7 @@ pub use config::{Attention, ModelConfig, PRESETS, VOCAB};
 pub use data::{DataError, TextData};
 pub use decode::DecodeState;
 pub use error::{ReformerError, Result};
+pub use evaluate::{EvalOptions, Evaluation};
 pub use generate::{generate, generate_with_stats, GenerateStats, SampleOptions};
 pub use model::{param_specs, ReformerLm};
 pub use optim::{AdamConfig, LrSchedule};

@@ -459,15 +459,17 @@ impl<B: Backend> ReformerLm<B> {
         Ok((y1, y2))
     }
 
-    /// The head over each sequence's real rows of `(Y1, Y2)`, a chunk at a time: each
-    /// sequence's summed loss, and with `grad_scale` the gradients `(dY1, dY2)` of
-    /// `grad_scale ·` the batch's summed loss (head gradients accumulate; padded rows get 0).
+    /// The head over each sequence's real rows from position `loss_from` on of `(Y1, Y2)`, a
+    /// chunk at a time: each sequence's summed loss, and with `grad_scale` the gradients
+    /// `(dY1, dY2)` of `grad_scale ·` the batch's summed loss (head gradients accumulate;
+    /// padded rows and rows before `loss_from` get 0).
     fn head(
         &mut self,
         y1: &B::Buf,
         y2: &B::Buf,
         seqs: &Seqs,
         batch: &[&[u8]],
+        loss_from: usize,
         grad_scale: Option<f32>,
     ) -> Result<(Vec<f64>, Option<StreamGrads<B>>)> {
         let b = &self.backend;
@@ -490,7 +492,9 @@ impl<B: Backend> ReformerLm<B> {
         let mut sums = vec![0.0f64; seqs.count()];
         for (s, seq) in batch.iter().enumerate() {
             let targets = &seq[1..];
-            for (p0, rows) in blocks(seqs.lens[s], chunk) {
+            let from = loss_from.min(seqs.lens[s]);
+            for (q0, rows) in blocks(seqs.lens[s] - from, chunk) {
+                let p0 = from + q0;
                 let start = s * len + p0;
                 self.head_forward(&mut hs, y1, y2, start, rows)?;
                 let vals = &self.values;
@@ -633,14 +637,27 @@ impl<B: Backend> ReformerLm<B> {
         pad_to: Option<usize>,
         ctx: &StepContext,
     ) -> Result<BatchLoss> {
+        self.train_batch_grads_from(batch, pad_to, 0, ctx)
+    }
+
+    /// [`ReformerLm::train_batch_grads`] with the loss counted only at positions `loss_from`
+    /// and later of each sequence (e.g. the second half of a copy task): the earlier positions
+    /// are inputs only. Returns each sequence's summed loss over its counted positions; an
+    /// error if no position of the batch is counted.
+    pub fn train_batch_grads_from(
+        &mut self,
+        batch: &[&[u8]],
+        pad_to: Option<usize>,
+        loss_from: usize,
+        ctx: &StepContext,
+    ) -> Result<BatchLoss> {
         let (seqs, inputs) = self.prepare(batch, pad_to)?;
-        let tokens: usize = seqs.lens.iter().sum();
+        let counts = counted(&seqs.lens, loss_from)?;
+        let tokens: usize = counts.iter().sum();
         let (y1, y2) = self.forward_stack(&inputs, &seqs, ctx)?;
-        let (sums, dys) = self.head(&y1, &y2, &seqs, batch, Some(1.0 / tokens as f32))?;
-        let loss = BatchLoss {
-            sums,
-            counts: seqs.lens.clone(),
-        };
+        let scale = Some(1.0 / tokens as f32);
+        let (sums, dys) = self.head(&y1, &y2, &seqs, batch, loss_from, scale)?;
+        let loss = BatchLoss { sums, counts };
         let mean = loss.mean() as f32;
         if !mean.is_finite() {
             return Err(ReformerError::NonFinite {
@@ -724,13 +741,51 @@ impl<B: Backend> ReformerLm<B> {
         pad_to: Option<usize>,
         ctx: &StepContext,
     ) -> Result<BatchLoss> {
+        self.eval_batch_loss_from(batch, pad_to, 0, ctx)
+    }
+
+    /// [`ReformerLm::eval_batch_loss`] counting only positions `loss_from` and later of each
+    /// sequence (as [`ReformerLm::train_batch_grads_from`]).
+    pub fn eval_batch_loss_from(
+        &mut self,
+        batch: &[&[u8]],
+        pad_to: Option<usize>,
+        loss_from: usize,
+        ctx: &StepContext,
+    ) -> Result<BatchLoss> {
+        let (seqs, inputs) = self.prepare(batch, pad_to)?;
+        let counts = counted(&seqs.lens, loss_from)?;
+        let (y1, y2) = self.forward_stack(&inputs, &seqs, ctx)?;
+        let (sums, _) = self.head(&y1, &y2, &seqs, batch, loss_from, None)?;
+        Ok(BatchLoss { sums, counts })
+    }
+
+    /// The most likely next byte at every position of each sequence of a batch (the argmax of
+    /// its logits, the lowest byte on a tie), without gradients; the batch as in
+    /// [`ReformerLm::eval_batch_loss`]. Sequence `s` gives `len_s` predictions: prediction
+    /// `p` is for its byte `p + 1`.
+    pub fn eval_batch_argmax(
+        &mut self,
+        batch: &[&[u8]],
+        pad_to: Option<usize>,
+        ctx: &StepContext,
+    ) -> Result<Vec<Vec<u8>>> {
         let (seqs, inputs) = self.prepare(batch, pad_to)?;
         let (y1, y2) = self.forward_stack(&inputs, &seqs, ctx)?;
-        let (sums, _) = self.head(&y1, &y2, &seqs, batch, None)?;
-        Ok(BatchLoss {
-            sums,
-            counts: seqs.lens,
-        })
+        let chunk = self.cfg.loss_chunk.max(1);
+        let longest = seqs.lens.iter().copied().max().unwrap_or(1);
+        let mut hs = HeadRows::new(&self.backend, chunk.min(longest), 2 * self.cfg.d_model)?;
+        let mut out = Vec::with_capacity(seqs.count());
+        for (s, &n) in seqs.lens.iter().enumerate() {
+            let mut preds = Vec::with_capacity(n);
+            for (p0, rows) in blocks(n, chunk) {
+                self.head_forward(&mut hs, &y1, &y2, s * seqs.len + p0, rows)?;
+                let logits = self.backend.download(&hs.logits)?;
+                preds.extend(logits.chunks(VOCAB).take(rows).map(argmax));
+            }
+            out.push(preds);
+        }
+        Ok(out)
     }
 
     /// The summed loss (nats) over the `len` positions of `tokens` (`len + 1` bytes).
@@ -817,6 +872,30 @@ pub(crate) struct HeadRows<B: Backend> {
     mean: B::Buf,
     rstd: B::Buf,
     pub(crate) logits: B::Buf,
+}
+
+/// Each sequence's positions from `loss_from` on; an error if that leaves none in the batch.
+fn counted(lens: &[usize], loss_from: usize) -> Result<Vec<usize>> {
+    let counts: Vec<usize> = lens.iter().map(|&l| l.saturating_sub(loss_from)).collect();
+    if counts.iter().all(|&c| c == 0) {
+        return Err(ReformerError::InvalidArgument(format!(
+            "the loss counts positions from {loss_from} on, and no sequence of the batch \
+             (longest: {} positions) reaches it",
+            lens.iter().copied().max().unwrap_or(0)
+        )));
+    }
+    Ok(counts)
+}
+
+/// The index of the largest value (the first of equal ones) as a byte.
+fn argmax(row: &[f32]) -> u8 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u8
 }
 
 impl<B: Backend> HeadRows<B> {

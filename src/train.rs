@@ -14,6 +14,7 @@ use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::ModelConfig;
 use crate::data::TextData;
 use crate::error::{ReformerError, Result};
+use crate::evaluate::evaluate_windows;
 use crate::model::ReformerLm;
 use crate::optim::{AdamConfig, LrSchedule};
 use crate::StepContext;
@@ -151,19 +152,12 @@ impl<B: Backend> Trainer<B> {
         max_windows: usize,
         rounds: Option<usize>,
     ) -> Result<Option<f32>> {
-        let train_rounds = self.lm.rounds();
-        self.lm
-            .set_rounds(rounds.unwrap_or(self.lm.config().eval_rounds))?;
-        let lm = &mut self.lm;
-        let result = validation_loss(&self.data, len, max_windows, self.micro_batch, |ws| {
-            Ok(lm
-                .eval_batch_loss(ws, None, &StepContext::eval(0))?
-                .sums
-                .iter()
-                .sum())
-        });
-        self.lm.set_rounds(train_rounds)?;
-        result
+        let windows = self.data.valid_windows(len, max_windows);
+        if windows.is_empty() {
+            return Ok(None);
+        }
+        let e = evaluate_windows(&mut self.lm, &windows, self.micro_batch, rounds)?;
+        Ok(Some(e.loss as f32))
     }
 
     /// Saves parameters, moments and state atomically to `path`.
@@ -220,26 +214,4 @@ pub(crate) fn advance(
         grad_norm,
         tokens,
     }
-}
-
-/// Mean loss (nats per byte) over up to `max_windows` fixed validation windows of `len`
-/// tokens, `loss_sum` giving the summed loss of a batch of up to `batch` windows; `None`
-/// without validation data.
-pub(crate) fn validation_loss(
-    data: &TextData,
-    len: usize,
-    max_windows: usize,
-    batch: usize,
-    mut loss_sum: impl FnMut(&[&[u8]]) -> Result<f64>,
-) -> Result<Option<f32>> {
-    let windows = data.valid_windows(len, max_windows);
-    if windows.is_empty() {
-        return Ok(None);
-    }
-    let (mut sum, mut count) = (0.0f64, 0usize);
-    for ws in windows.chunks(batch.max(1)) {
-        sum += loss_sum(ws)?;
-        count += ws.iter().map(|w| w.len() - 1).sum::<usize>();
-    }
-    Ok(Some((sum / count as f64) as f32))
 }

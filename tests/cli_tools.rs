@@ -1,5 +1,5 @@
-//! The command-line tools as a user meets them: `train_text`, `generate`, `long_context` and
-//! `bench_attention` run as processes on the bad and edge inputs of issue 13, each case
+//! The command-line tools as a user meets them: `train_text`, `evaluate`, `generate`,
+//! `long_context` and `bench_attention` run as processes on the bad and edge inputs of issue 13, each case
 //! asserting the exit code and the message. Runs lose nothing (a second run refuses the
 //! folder, signals checkpoint, closed pipes are not crashes, metrics stay one row per step),
 //! every numeric flag is refused before any work with its name, value and range, and every
@@ -764,6 +764,110 @@ fn paths_are_checked_first_and_named() {
             "--text FILE",
         ],
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// held-out evaluation: train_text --eval-text and evaluate
+
+/// The figure of `evaluate`'s stdout line (bits per byte), and its other fields.
+fn evaluation(r: &Run) -> (f64, Vec<String>) {
+    let fields: Vec<String> = r.stdout.trim().split('\t').map(str::to_string).collect();
+    assert_eq!(fields.len(), 6, "stdout `{}`", r.stdout);
+    (fields[0].parse().unwrap(), fields)
+}
+
+#[test]
+fn evaluate_measures_a_checkpoint_as_train_text_validated_it() {
+    let dir = scratch("evaluate");
+    let corpus = std::fs::read(dir.join("t.txt")).unwrap();
+    std::fs::write(dir.join("held.txt"), &corpus[..3_000]).unwrap();
+    // Validation on --eval-text: its final figure is the checkpoint's on that file.
+    let r = train(
+        &dir,
+        &["--eval-text", "held.txt", "--steps", "3", "--out", "run"],
+    );
+    r.expect(0, &["validation: 4 windows of 32 tokens of held.txt"]);
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("final validation: "))
+        .expect("a final validation line");
+    let trained: f64 = line["final validation: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ck = "run/checkpoint.safetensors";
+    let flags = ["--checkpoint", ck, "--text", "held.txt", "--windows", "4"];
+    let e = run(&dir, "evaluate", &flags);
+    e.expect(0, &["held.txt", "bits/byte", "over 4 windows of 32 tokens"]);
+    let (bpb, fields) = evaluation(&e);
+    assert!((bpb - trained).abs() < 6e-5, "{bpb} vs {trained}");
+    assert_eq!(&fields[2..], ["4", "32", "128", "2"]);
+    // The rounds and the length are options; another length is another figure.
+    let mut more = flags.to_vec();
+    more.extend(["--rounds", "1", "--len", "16", "--batch", "2"]);
+    let (other, fields) = evaluation(run(&dir, "evaluate", &more).expect(0, &[]));
+    assert_eq!(&fields[2..], ["4", "16", "64", "1"]);
+    assert_ne!(other, bpb);
+}
+
+#[test]
+fn evaluate_names_what_is_wrong() {
+    let dir = scratch("evaluate-errors");
+    let ck = tiny_checkpoint(&dir);
+    let ck = ck.to_str().unwrap();
+    std::fs::write(dir.join("empty.txt"), "").unwrap();
+    std::fs::write(dir.join("tiny.txt"), "0123456789").unwrap();
+    let cases: &[(&[&str], i32, &[&str])] = &[
+        (
+            &["--text", "empty.txt"],
+            1,
+            &["text file empty.txt is empty"],
+        ),
+        (
+            &["--text", "tiny.txt"],
+            1,
+            &["tiny.txt is too short", "10 bytes", "33 are needed"],
+        ),
+        (
+            &["--text", "absent.txt"],
+            1,
+            &["--text absent.txt: no such file"],
+        ),
+        (
+            &["--text", "t.txt", "--len", "300"],
+            2,
+            &["invalid value `300` for --len", "1..=256"],
+        ),
+        (&["--text", "t.txt", "--rounds", "0"], 2, &["--rounds"]),
+        (&["--text", "t.txt", "--len", "-3"], 2, &["--len"]),
+    ];
+    for (flags, code, messages) in cases {
+        let mut args = vec!["--checkpoint", ck];
+        args.extend_from_slice(flags);
+        let r = run(&dir, "evaluate", &args);
+        r.expect(*code, messages);
+        assert!(r.stdout.is_empty(), "no figure on an error: `{}`", r.stdout);
+    }
+    run(
+        &dir,
+        "evaluate",
+        &["--checkpoint", "none.safetensors", "--text", "t.txt"],
+    )
+    .expect(1, &["none.safetensors does not exist"]);
+    // train_text refuses a held-out file that holds no window before any work.
+    train(&dir, &["--eval-text", "tiny.txt", "--out", "run"]).expect(
+        2,
+        &[
+            "invalid value `32` for --eval-len",
+            "--eval-text tiny.txt (10 bytes)",
+        ],
+    );
+    train(&dir, &["--eval-text", "absent.txt", "--out", "run"])
+        .expect(1, &["--eval-text absent.txt: no such file"]);
+    assert!(!dir.join("run").exists());
 }
 
 // ---------------------------------------------------------------------------------------------
