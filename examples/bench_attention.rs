@@ -42,12 +42,12 @@
 
 use std::collections::HashSet;
 use std::error::Error;
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
+use reformer::chart::{loglog_svg, Axes, Series};
 use reformer::cli::{self, CliError, Interval};
 use reformer_engine::{MemoryPool, Rng, Tensor};
 use reformer_kernels::gpu::attention::{
@@ -1066,7 +1066,6 @@ fn write_outputs(
 /// A log–log chart of forward+backward time per token against length, one line per kind
 /// (and device, and dtype, when the rows come from more than one).
 fn svg_chart(rows: &[&Row], title: &str) -> String {
-    let (w, h, left, right, top, bottom) = (820.0, 480.0, 80.0, 230.0, 40.0, 60.0);
     let rows: Vec<&Row> = rows.iter().copied().filter(|r| r.ok()).collect();
     let distinct = |f: fn(&Row) -> &str| {
         let mut v: Vec<&str> = rows.iter().map(|r| f(r)).collect();
@@ -1090,87 +1089,26 @@ fn svg_chart(rows: &[&Row], title: &str) -> String {
             format!("{} [{}]", r.kind, tags.join(", "))
         }
     };
-    let pts: Vec<(f64, f64)> = rows
-        .iter()
-        .filter_map(|r| r.fwd_bwd_s.map(|s| (r.len as f64, 1e6 * s / r.len as f64)))
-        .filter(|p| p.0 > 0.0 && p.1 > 0.0 && p.1.is_finite())
-        .collect();
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">Attention forward+backward time per token ({}, log–log)</text>\n",
-        (w - right + left) / 2.0,
-        xml_text(title)
-    );
-    if pts.is_empty() {
-        s.push_str("</svg>\n");
-        return s;
-    }
-    let (xmin, xmax) = pts
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (ymin, ymax) = pts
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    let (lx0, lx1) = (xmin.log2(), xmax.log2().max(xmin.log2() + 1.0));
-    let (ly0, ly1) = (
-        ymin.log10().floor(),
-        ymax.log10().ceil().max(ymin.log10().floor() + 1.0),
-    );
-    let px = |x: f64| left + (x.log2() - lx0) / (lx1 - lx0) * (w - left - right);
-    let py = |y: f64| h - bottom - (y.log10() - ly0) / (ly1 - ly0) * (h - top - bottom);
-    for e in (lx0 as i64)..=(lx1 as i64) {
-        let x = px(2f64.powi(e as i32));
-        let _ = writeln!(s, "<line x1=\"{x}\" y1=\"{top}\" x2=\"{x}\" y2=\"{}\" stroke=\"#ddd\"/><text x=\"{x}\" y=\"{}\" text-anchor=\"middle\">2^{e}</text>", h - bottom, h - bottom + 18.0);
-    }
-    for e in (ly0 as i64)..=(ly1 as i64) {
-        let y = py(10f64.powi(e as i32));
-        let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">1e{e} µs</text>", w - right, left - 6.0, y + 4.0);
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">sequence length N</text>",
-        (w - right + left) / 2.0,
-        h - 15.0
-    );
-    let colors = [
-        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
-        "#7f7f7f", "#bcbd22", "#393b79", "#637939", "#843c39", "#7b4173",
-    ];
     let mut labels: Vec<String> = rows.iter().map(|r| label(r)).collect();
     labels.sort();
     labels.dedup();
-    for (i, name) in labels.iter().enumerate() {
-        let c = colors[i % colors.len()];
-        let mut line: Vec<(f64, f64)> = rows
-            .iter()
-            .filter(|r| label(r) == *name)
-            .filter_map(|r| r.fwd_bwd_s.map(|t| (r.len as f64, 1e6 * t / r.len as f64)))
-            .filter(|p| p.1 > 0.0 && p.1.is_finite())
-            .map(|(x, y)| (px(x), py(y)))
-            .collect();
-        line.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let points: Vec<String> = line.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>",
-            points.join(" ")
-        );
-        for (x, y) in &line {
-            let _ = writeln!(
-                s,
-                "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{c}\"/>"
-            );
-        }
-        let ly = top + 20.0 + 20.0 * i as f64;
-        let _ = writeln!(s, "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{}</text>", w - right + 15.0, w - right + 40.0, w - right + 46.0, ly + 4.0, xml_text(name));
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-fn xml_text(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    let series: Vec<Series> = labels
+        .into_iter()
+        .map(|name| Series {
+            points: rows
+                .iter()
+                .filter(|r| label(r) == name)
+                .filter_map(|r| r.fwd_bwd_s.map(|t| (r.len as f64, 1e6 * t / r.len as f64)))
+                .collect(),
+            label: name,
+        })
+        .collect();
+    let title = format!("Attention forward+backward time per token ({title}, log–log)");
+    let axes = Axes {
+        title: &title,
+        x: "sequence length N",
+        y: "time per token",
+        y_unit: "µs",
+    };
+    loglog_svg(&series, &axes)
 }
