@@ -48,10 +48,9 @@ use reformer_lsh::{
 use reformer_reversible::{layer_rotations, AttentionKind, StepContext};
 
 use crate::backend::{Backend, Strided};
-use crate::config::VOCAB;
 use crate::error::{ReformerError, Result};
 use crate::layers::{blocks, rows_in, rows_out, AttnLayer, LnBlock, Seqs};
-use crate::model::{HeadRows, ReformerLm};
+use crate::model::ReformerLm;
 
 /// Positions the prefill feeds through the stack at a time.
 pub const PREFILL_BLOCK: usize = 1024;
@@ -93,8 +92,8 @@ impl<B: Backend> DecodeState<B> {
         self.capacity
     }
 
-    /// Bytes of the keys and values the caches hold on the backend (allocated up front, for
-    /// the whole capacity; counted in the backend's pool like every buffer).
+    /// Bytes of the keys and values the caches hold on the backend, as its pool counted them
+    /// when they were allocated (up front, for the whole capacity).
     pub fn device_bytes(&self) -> usize {
         self.device_bytes
     }
@@ -176,40 +175,34 @@ impl AttnLayer {
         b: &B,
         capacity: usize,
         ctx: &StepContext,
-    ) -> Result<(LayerCache<B>, usize)> {
+    ) -> Result<LayerCache<B>> {
         let w = self.width();
-        let act = b.act_dtype().size_in_bytes();
         Ok(match self.cfg.attention {
             AttentionKind::Lsh => {
                 let rot = layer_rotations(&self.cfg, self.layer, capacity, ctx)?;
                 let index = (0..self.cfg.n_heads * rot.n_rounds)
                     .map(|_| BucketIndex::new(rot.buckets.total()))
                     .collect();
-                let cache = LayerCache::Lsh {
+                LayerCache::Lsh {
                     qk: b.alloc_act(&[capacity, w])?,
                     v: b.alloc_act(&[capacity, w])?,
                     rows: capacity,
                     rot,
                     index,
-                };
-                (cache, 2 * capacity * w * act)
+                }
             }
-            AttentionKind::Exact => {
-                let cache = LayerCache::Exact {
-                    qk: b.alloc_act(&[capacity, w])?,
-                    v: b.alloc_act(&[capacity, w])?,
-                    rows: capacity,
-                };
-                (cache, 2 * capacity * w * act)
-            }
+            AttentionKind::Exact => LayerCache::Exact {
+                qk: b.alloc_act(&[capacity, w])?,
+                v: b.alloc_act(&[capacity, w])?,
+                rows: capacity,
+            },
             AttentionKind::Local => {
                 let rows = (PREFILL_BLOCK + 2 * self.cfg.chunk_len).min(capacity);
-                let cache = LayerCache::Local {
+                LayerCache::Local {
                     k: b.alloc_act(&[rows, w])?,
                     v: b.alloc_act(&[rows, w])?,
                     rows,
-                };
-                (cache, 2 * rows * w * act)
+                }
             }
         })
     }
@@ -397,13 +390,13 @@ impl<B: Backend> ReformerLm<B> {
         let ctx = StepContext::eval(0);
         let b = &self.backend;
         b.mark("decoding caches");
-        let mut caches = Vec::with_capacity(self.layers.len());
-        let mut device_bytes = 0;
-        for (attn, _) in &self.layers {
-            let (cache, bytes) = attn.empty_cache(b, capacity, &ctx)?;
-            caches.push(cache);
-            device_bytes += bytes;
-        }
+        let before = b.live_bytes();
+        let caches = self
+            .layers
+            .iter()
+            .map(|(attn, _)| attn.empty_cache(b, capacity, &ctx))
+            .collect::<Result<Vec<_>>>()?;
+        let device_bytes = b.live_bytes() - before;
         Ok(DecodeState {
             capacity,
             pos: 0,
@@ -417,19 +410,7 @@ impl<B: Backend> ReformerLm<B> {
     /// [`PREFILL_BLOCK`]) or one new byte (a step) — and returns the 256 logits predicting the
     /// byte after them.
     pub fn decode(&self, st: &mut DecodeState<B>, bytes: &[u8]) -> Result<Vec<f32>> {
-        if bytes.is_empty() {
-            return Err(ReformerError::InvalidArgument(
-                "decoding needs at least one byte to feed".into(),
-            ));
-        }
-        let needed = st.pos + bytes.len();
-        if needed > st.capacity {
-            return Err(ReformerError::DecodeCapacity {
-                needed,
-                capacity: st.capacity,
-                max_len: self.cfg.max_len(),
-            });
-        }
+        self.check_room(st, bytes.len())?;
         let mut last = None;
         for block in bytes.chunks(PREFILL_BLOCK) {
             // Only the last block's streams are kept (for the head).
@@ -439,11 +420,7 @@ impl<B: Backend> ReformerLm<B> {
         let ((y1, y2), n) = last.ok_or_else(|| ReformerError::Config("no block fed".into()))?;
         let b = &self.backend;
         b.mark("decoding head");
-        let mut hs = HeadRows::new(b, 1, 2 * self.cfg.d_model)?;
-        self.head_forward(&mut hs, &y1, &y2, n - 1, 1)?;
-        let mut logits = b.download(&hs.logits)?;
-        logits.truncate(VOCAB);
-        Ok(logits)
+        self.logits_at(&y1, &y2, n - 1)
     }
 
     /// Fills an empty state with `context` by one full forward over it (the attention of
@@ -462,19 +439,8 @@ impl<B: Backend> ReformerLm<B> {
                 st.pos
             )));
         }
-        if context.is_empty() {
-            return Err(ReformerError::InvalidArgument(
-                "a prefill needs at least one byte".into(),
-            ));
-        }
+        self.check_room(st, context.len())?;
         let n = context.len();
-        if n > st.capacity {
-            return Err(ReformerError::DecodeCapacity {
-                needed: n,
-                capacity: st.capacity,
-                max_len: self.cfg.max_len(),
-            });
-        }
         let b = &self.backend;
         let seqs = Seqs::one(n);
         b.mark("prefill: embedding");
@@ -496,11 +462,24 @@ impl<B: Backend> ReformerLm<B> {
         }
         st.pos = n;
         b.mark("prefill: head");
-        let mut hs = HeadRows::new(b, 1, 2 * self.cfg.d_model)?;
-        self.head_forward(&mut hs, &y1, &y2, n - 1, 1)?;
-        let mut logits = b.download(&hs.logits)?;
-        logits.truncate(VOCAB);
-        Ok(logits)
+        self.logits_at(&y1, &y2, n - 1)
+    }
+
+    /// Whether `n ≥ 1` more positions fit the state's caches.
+    fn check_room(&self, st: &DecodeState<B>, n: usize) -> Result<()> {
+        if n == 0 {
+            return Err(ReformerError::InvalidArgument(
+                "decoding needs at least one byte to feed".into(),
+            ));
+        }
+        if st.pos + n > st.capacity {
+            return Err(ReformerError::DecodeCapacity {
+                needed: st.pos + n,
+                capacity: st.capacity,
+                max_len: self.cfg.max_len(),
+            });
+        }
+        Ok(())
     }
 
     /// One block of new positions through the stack: `(Y1, Y2)` of the block's rows.

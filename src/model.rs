@@ -554,7 +554,7 @@ impl<B: Backend> ReformerLm<B> {
 
     /// The head's forward over rows `start..start + rows` of `(Y1, Y2)`: `hs.logits` holds
     /// their logits (before the loss).
-    pub(crate) fn head_forward(
+    fn head_forward(
         &self,
         hs: &mut HeadRows<B>,
         y1: &B::Buf,
@@ -606,8 +606,13 @@ impl<B: Backend> ReformerLm<B> {
         self.check_len(context.len())?;
         let seqs = Seqs::one(context.len());
         let (y1, y2) = self.forward_stack(context, &seqs, ctx)?;
+        self.logits_at(&y1, &y2, context.len() - 1)
+    }
+
+    /// The 256 logits of row `row` of `(Y1, Y2)`, downloaded.
+    pub(crate) fn logits_at(&self, y1: &B::Buf, y2: &B::Buf, row: usize) -> Result<Vec<f32>> {
         let mut hs = HeadRows::new(&self.backend, 1, 2 * self.cfg.d_model)?;
-        self.head_forward(&mut hs, &y1, &y2, context.len() - 1, 1)?;
+        self.head_forward(&mut hs, y1, y2, row, 1)?;
         let mut logits = self.backend.download(&hs.logits)?;
         logits.truncate(VOCAB);
         Ok(logits)
@@ -866,12 +871,12 @@ impl<B: Backend> ReformerLm<B> {
 
 /// Scratch of the head over a block of rows: `concat(Y1, Y2)`, its layer norm and statistics,
 /// the logits.
-pub(crate) struct HeadRows<B: Backend> {
+struct HeadRows<B: Backend> {
     h: B::Buf,
     hn: B::Buf,
     mean: B::Buf,
     rstd: B::Buf,
-    pub(crate) logits: B::Buf,
+    logits: B::Buf,
 }
 
 /// Each sequence's positions from `loss_from` on; an error if that leaves none in the batch.
@@ -899,7 +904,7 @@ fn argmax(row: &[f32]) -> u8 {
 }
 
 impl<B: Backend> HeadRows<B> {
-    pub(crate) fn new(b: &B, rows: usize, width: usize) -> Result<Self> {
+    fn new(b: &B, rows: usize, width: usize) -> Result<Self> {
         Ok(Self {
             h: b.alloc(&[rows, width])?,
             hn: b.alloc(&[rows, width])?,
