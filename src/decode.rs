@@ -324,7 +324,6 @@ impl AttnLayer {
                     d: dh,
                     cache_rows: *rows,
                     rule: shared_qk_rule(true),
-                    unit_keys: false,
                     keys: CachedKeys::Lists {
                         pos: &lists,
                         rounds: rot.n_rounds,
@@ -340,7 +339,6 @@ impl AttnLayer {
                     d: dh,
                     cache_rows: *rows,
                     rule: shared_qk_rule(true),
-                    unit_keys: false,
                     keys: CachedKeys::Ranges(&ranges),
                 };
                 b.cached_attention(&q, qk, v, &q_pos, &a)?
@@ -356,7 +354,6 @@ impl AttnLayer {
                     d: dh,
                     cache_rows: *rows,
                     rule: scaled_rule(dh, true),
-                    unit_keys: false,
                     keys: CachedKeys::Ranges(&ranges),
                 };
                 b.cached_attention(&q, k, v, &q_pos, &a)?

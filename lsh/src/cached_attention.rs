@@ -15,7 +15,6 @@ use reformer_engine::ops::dot;
 
 use crate::block::{ScoreRule, SELF_SCORE};
 use crate::error::{shape_err, AttentionError, Result};
-use crate::keys::KEY_NORM_EPS;
 
 /// Marks an unused entry of a key list.
 pub const NO_KEY: u32 = u32::MAX;
@@ -63,9 +62,8 @@ pub struct CachedAttention<'a> {
     pub d: usize,
     /// Rows of each cache: position `p` lives in row `p % cache_rows`.
     pub cache_rows: usize,
+    /// How scores are formed; the keys are used as cached (shared-QK caches hold unit keys).
     pub rule: ScoreRule,
-    /// Keys are the unit vectors of the cached rows (shared-QK attention).
-    pub unit_keys: bool,
     pub keys: CachedKeys<'a>,
 }
 
@@ -119,8 +117,8 @@ struct Scratch {
 }
 
 /// One round of one (query, head): the softmax over the keys at `pos`, online over tiles of
-/// [`TILE`] keys, as [`crate::block::OnlineSoftmax`] forms it — scores `scale · q·k̂` (`k̂`
-/// the unit key with `unit_keys`), the rule's causal and self masks by position. Leaves the
+/// [`TILE`] keys, as [`crate::block::OnlineSoftmax`] forms it — scores `scale · q·k` with the
+/// cached keys, the rule's causal and self masks by position. Leaves the
 /// normalised output in `s.acc` and returns the logsumexp (`-inf`: no key allowed).
 fn attend_round(
     q: &[f32],
@@ -144,14 +142,7 @@ fn attend_round(
             } else if a.rule.self_penalty && p == q_pos {
                 SELF_SCORE
             } else {
-                let key = &k[row(p)..row(p) + d];
-                let qk = dot(q, key);
-                let qk = if a.unit_keys {
-                    qk / (dot(key, key) + KEY_NORM_EPS).sqrt()
-                } else {
-                    qk
-                };
-                qk * a.rule.scale
+                dot(q, &k[row(p)..row(p) + d]) * a.rule.scale
             };
             s.scores.push(score);
         }
@@ -244,6 +235,7 @@ pub fn cached_attention(
 mod tests {
     use super::*;
     use crate::exact_attention::shared_qk_rule;
+    use crate::keys::normalize_rows_in_place;
     use crate::{exact_attention_reference, unit_keys};
     use reformer_engine::{MemoryPool, Rng, Tensor};
 
@@ -270,11 +262,13 @@ mod tests {
             d,
             cache_rows: n,
             rule: shared_qk_rule(true),
-            unit_keys: true,
             keys: CachedKeys::Ranges(&ranges),
         };
+        // The cache holds the unit keys, as the decoder writes them.
+        let mut keys = qk.clone();
+        normalize_rows_in_place(&mut keys, d);
         let mut out = vec![f32::NAN; n * heads * d];
-        cached_attention(&qk, &pos, &qk, &v, &a, &mut out).unwrap();
+        cached_attention(&qk, &pos, &keys, &v, &a, &mut out).unwrap();
         // Head layout for the reference.
         let pool = MemoryPool::unlimited();
         let to_heads = |x: &[f32]| {
@@ -314,7 +308,6 @@ mod tests {
             d: 4,
             cache_rows: 4,
             rule: shared_qk_rule(true),
-            unit_keys: true,
             keys: CachedKeys::Ranges(&[(0, 1)]),
         };
         let x = vec![0.0; 16];

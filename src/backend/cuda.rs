@@ -659,7 +659,6 @@ impl Backend for CudaBackend {
             scale: a.rule.scale,
             causal: a.rule.causal,
             self_penalty: a.rule.self_penalty,
-            unit_keys: a.unit_keys,
         };
         with_acts!((q, k_cache, v_cache) => cached_attention::attend(
             &self.ctx, q, k_cache, v_cache, &pos, gpu_keys, dims, rule, &mut out,

@@ -2,7 +2,8 @@
 // attention kind and its prefill, a block of queries at a time — each query with its own keys:
 // per (head, round) a list of positions (LSH) or per query a range (local, exact). The CUDA
 // twin of `reformer_lsh::cached_attention` (lsh/src/cached_attention.rs): the same scores
-// (scale * q.k, k the unit key when unit_keys; the causal and self masks by position), one
+// (scale * q.k with the keys as cached — the decoder caches unit keys for shared-QK attention;
+// the causal and self masks by position), one
 // softmax per round, rounds combined by logsumexp (in double, as the CPU combines them).
 //
 // Layout: q [queries, heads*d] and the caches [cache_rows, heads*d] are f32 or bf16 rows (one
@@ -18,7 +19,6 @@
 #define CA_MAX_D 128
 #define CA_DPL (CA_MAX_D / 32)
 #define CA_SELF_SCORE (-1e5f)
-#define CA_KEY_NORM_EPS 1e-12f
 #define CA_NO_KEY 0xffffffffu
 
 __device__ __forceinline__ float ca_load(const void* p, long long i, int bf16) {
@@ -31,7 +31,7 @@ extern "C" __global__ void cached_attention(const void* q, const void* k, const 
                                             int use_lists, int queries, int heads, int d,
                                             long long cache_rows, int rounds, int width,
                                             float scale, int causal, int self_penalty,
-                                            int unit_keys, float* out) {
+                                            float* out) {
     const int i = blockIdx.x;
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31;
@@ -85,21 +85,15 @@ extern "C" __global__ void cached_attention(const void* q, const void* k, const 
             if (self_penalty && p == qp) {
                 score = CA_SELF_SCORE;
             } else {
-                float dq = 0.0f, dk = 0.0f;
+                float dq = 0.0f;
 #pragma unroll
                 for (int t = 0; t < CA_DPL; ++t) {
                     const int c = lane + 32 * t;
                     if (c < d) {
-                        const float kv = ca_load(k, row + c, act_bf16);
-                        dq += qv[t] * kv;
-                        dk += kv * kv;
+                        dq += qv[t] * ca_load(k, row + c, act_bf16);
                     }
                 }
-                dq = warp_sum(dq);
-                if (unit_keys) {
-                    dq = dq / sqrtf(warp_sum(dk) + CA_KEY_NORM_EPS);
-                }
-                score = dq * scale;
+                score = warp_sum(dq) * scale;
             }
             const float nm = fmaxf(m, score);
             const float corr = expf(m - nm);

@@ -29,13 +29,12 @@ pub struct CachedDims {
     pub width: usize,
 }
 
-/// How scores are formed (`reformer_lsh::ScoreRule` and the unit-key flag).
+/// How scores are formed (`reformer_lsh::ScoreRule`); the keys are used as cached.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CachedRule {
     pub scale: f32,
     pub causal: bool,
     pub self_penalty: bool,
-    pub unit_keys: bool,
 }
 
 /// Which keys each query sees: lists `[heads, rounds, queries, width]` of positions
@@ -109,11 +108,7 @@ pub fn attend<T: ActElem>(
     let rows = to_i64(OP, "cache_rows", cache_rows)?;
     let (nr, nw) = (to_i32(OP, "rounds", rounds)?, to_i32(OP, "width", width)?);
     let bf16 = i32::from(T::IS_BF16);
-    let (causal, self_penalty, unit_keys) = (
-        i32::from(rule.causal),
-        i32::from(rule.self_penalty),
-        i32::from(rule.unit_keys),
-    );
+    let (causal, self_penalty) = (i32::from(rule.causal), i32::from(rule.self_penalty));
     let f = ctx.function(FAMILY, k::ATTEND)?;
     let mut b = ctx.stream().launch_builder(&f);
     b.arg(q.cu()).arg(k_cache.cu()).arg(v_cache.cu()).arg(&bf16);
@@ -125,11 +120,10 @@ pub fn attend<T: ActElem>(
     b.arg(&rule.scale)
         .arg(&causal)
         .arg(&self_penalty)
-        .arg(&unit_keys)
         .arg(out.cu_mut());
     // SAFETY: cached_attention(q, k, v, int bf16, q_pos, lists, ranges, int use_lists, int
     // queries, int heads, int d, long long cache_rows, int rounds, int width, float scale, int
-    // causal, int self_penalty, int unit_keys, float* out), grid (queries, heads): every buffer
+    // causal, int self_penalty, float* out), grid (queries, heads): every buffer
     // holds what the checks above ask for; keys are read at rows p % cache_rows only.
     unsafe { b.launch(cfg) }.map_err(|e| launch_error(k::ATTEND, e))?;
     Ok(())
