@@ -1,7 +1,5 @@
 //! Dense matrix products on the CPU through the `gemm` crate (row-major, transposes free).
 
-use rayon::prelude::*;
-
 use crate::error::{EngineError, Result};
 
 /// Whether a product may spread over rayon's threads. Inside an already parallel loop (per
@@ -46,7 +44,7 @@ pub fn gemm(
         return Ok(());
     }
     if m <= SMALL_M && !ta {
-        small_m(c, a, b, m, k, n, tb, accumulate, par);
+        small_m(c, a, b, m, k, n, tb, accumulate);
         return Ok(());
     }
     // Row-major strides: element (i, j) of a [rows, cols] matrix is at i*cols + j.
@@ -145,9 +143,9 @@ mod tests {
 const SMALL_M: usize = 4;
 
 /// `c[i, :] (+)= a[i, :] · op(b)` one row at a time: rows of `b` scaled and added (`b` as
-/// stored), or dot products with its rows (`b` transposed). With [`Par::Rayon`] and enough work,
-/// blocks of columns run in parallel (each reads its part of `b`: the product is bound by
-/// reading `b`).
+/// stored), or dot products with its rows (`b` transposed). On one thread: a decoding step's
+/// products are bound by reading `b`, and splitting them over two cores measured slower
+/// (`bench/results/2026-12-01-cpu-2core-epyc-generate/threads.log`).
 #[allow(clippy::too_many_arguments)]
 fn small_m(
     c: &mut [f32],
@@ -158,43 +156,23 @@ fn small_m(
     n: usize,
     tb: bool,
     accumulate: bool,
-    par: Par,
 ) {
-    const COLUMNS: usize = 64;
-    let block = |i: usize, j0: usize, c_part: &mut [f32]| {
-        let a_row = &a[i * k..(i + 1) * k];
+    for i in 0..m {
+        let (a_row, c_row) = (&a[i * k..(i + 1) * k], &mut c[i * n..(i + 1) * n]);
         if tb {
-            for (j, y) in c_part.iter_mut().enumerate() {
-                let v = crate::ops::dot(a_row, &b[(j0 + j) * k..(j0 + j + 1) * k]);
+            for (j, y) in c_row.iter_mut().enumerate() {
+                let v = crate::ops::dot(a_row, &b[j * k..(j + 1) * k]);
                 *y = if accumulate { *y + v } else { v };
             }
         } else {
             if !accumulate {
-                c_part.fill(0.0);
+                c_row.fill(0.0);
             }
-            let cols = c_part.len();
             for (l, &x) in a_row.iter().enumerate() {
-                let b_part = &b[l * n + j0..l * n + j0 + cols];
-                for (y, &w) in c_part.iter_mut().zip(b_part) {
+                for (y, &w) in c_row.iter_mut().zip(&b[l * n..(l + 1) * n]) {
                     *y += x * w;
                 }
             }
-        }
-    };
-    // Waking the pool costs more than a decoding step's products save (measured on 2 cores).
-    let parallel = matches!(par, Par::Rayon) && m * k * n >= 1 << 20 && n >= 2 * COLUMNS;
-    for i in 0..m {
-        let c_row = &mut c[i * n..(i + 1) * n];
-        if parallel {
-            let per = n
-                .div_ceil(rayon::current_num_threads().max(1))
-                .next_multiple_of(COLUMNS);
-            c_row
-                .par_chunks_mut(per)
-                .enumerate()
-                .for_each(|(t, part)| block(i, t * per, part));
-        } else {
-            block(i, 0, c_row);
         }
     }
 }
