@@ -9,12 +9,12 @@
 //! Prints one line on stdout: `bits_per_byte nats windows len tokens rounds` (tab-separated),
 //! and a readable summary on stderr. The library call is `reformer::evaluate::evaluate_file`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use reformer::backend::{select, Backend, CpuBackend, CudaBackend, DeviceRequest, Runner};
-use reformer::checkpoint::{self, Checkpoint, CheckpointError};
+use reformer::checkpoint::Checkpoint;
 use reformer::cli::{self, CliError};
 use reformer::evaluate::{self, EvalOptions};
 use reformer::ReformerLm;
@@ -25,8 +25,6 @@ macro_rules! say {
         cli::errln(format_args!($($t)*))
     };
 }
-
-const DEFAULT_CHECKPOINT: &str = "runs/train_text/checkpoint.safetensors";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum DeviceArg {
@@ -39,7 +37,7 @@ enum DeviceArg {
 #[command(about = "Bits per byte of a byte-level Reformer checkpoint on a text file")]
 struct Args {
     /// Checkpoint written by train_text.
-    #[arg(long, default_value = DEFAULT_CHECKPOINT)]
+    #[arg(long, default_value = cli::DEFAULT_CHECKPOINT)]
     checkpoint: PathBuf,
     /// File to evaluate on (any bytes; all of it is held out).
     #[arg(long)]
@@ -79,18 +77,7 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn run(args: &Args) -> AnyResult<()> {
     cli::check_input_file("--text", &args.text)?;
-    let ck = checkpoint::load(&args.checkpoint).map_err(|e| -> Box<dyn std::error::Error> {
-        match e {
-            CheckpointError::Missing { .. } if args.checkpoint == Path::new(DEFAULT_CHECKPOINT) => {
-                format!(
-                    "{e} (the default --checkpoint): train one with `cargo run --release \
-                     --example train_text`, or pass --checkpoint FILE"
-                )
-                .into()
-            }
-            e => e.into(),
-        }
-    })?;
+    let ck = cli::load_checkpoint(&args.checkpoint)?;
     let len = args.len.unwrap_or(ck.state.seq_len);
     let max = ck.config.max_len();
     if len > max {

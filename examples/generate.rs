@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use reformer::cli::{self, CliError, Interval, SampleEnd};
-use reformer::{checkpoint, CheckpointError, CpuBackend, ReformerLm, SampleOptions};
+use reformer::{CpuBackend, ReformerLm, SampleOptions};
 use reformer_engine::MemoryPool;
 
 /// A status line on stderr; a closed stderr is ignored.
@@ -29,13 +29,11 @@ macro_rules! say {
     };
 }
 
-const DEFAULT_CHECKPOINT: &str = "runs/train_text/checkpoint.safetensors";
-
 #[derive(Parser, Debug)]
 #[command(about = "Generate text with a trained byte-level Reformer checkpoint")]
 struct Args {
     /// Checkpoint written by train_text.
-    #[arg(long, default_value = DEFAULT_CHECKPOINT)]
+    #[arg(long, default_value = cli::DEFAULT_CHECKPOINT)]
     checkpoint: PathBuf,
     /// Text to continue (escape sequences are not interpreted); at least one byte.
     #[arg(long, default_value = "\n", conflicts_with = "prompt_file")]
@@ -93,20 +91,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         return Err(CliError::flag(flag, "", "expected at least one byte to continue").into());
     }
-    let ck = checkpoint::load(&args.checkpoint).map_err(|e| -> Box<dyn std::error::Error> {
-        match e {
-            CheckpointError::Missing { .. }
-                if args.checkpoint == std::path::Path::new(DEFAULT_CHECKPOINT) =>
-            {
-                format!(
-                    "{e} (the default --checkpoint): train one with `cargo run --release \
-                     --example train_text`, or pass --checkpoint FILE"
-                )
-                .into()
-            }
-            e => e.into(),
-        }
-    })?;
+    let ck = cli::load_checkpoint(&args.checkpoint)?;
     let backend = CpuBackend::new(&MemoryPool::unlimited());
     let mut model = ReformerLm::from_checkpoint(backend, &ck)?;
     model.drop_optimizer_state();

@@ -120,6 +120,21 @@ pub fn exit_code(e: &(dyn std::error::Error + 'static)) -> u8 {
     e.downcast_ref::<CliError>().map_or(1, CliError::exit_code)
 }
 
+/// Where `train_text` writes its checkpoint by default: the tools that read one default to it.
+pub const DEFAULT_CHECKPOINT: &str = "runs/train_text/checkpoint.safetensors";
+
+/// Loads a checkpoint for a tool; a missing default one says how to make it.
+pub fn load_checkpoint(path: &Path) -> Result<crate::Checkpoint, Box<dyn std::error::Error>> {
+    crate::checkpoint::load(path).map_err(|e| match e {
+        crate::CheckpointError::Missing { .. } if path == Path::new(DEFAULT_CHECKPOINT) => format!(
+            "{e} (the default --checkpoint): train one with `cargo run --release --example \
+             train_text`, or pass --checkpoint FILE"
+        )
+        .into(),
+        e => e.into(),
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Ranges and value parsers
 
