@@ -23,6 +23,7 @@ use reformer::backend::{
     select, Backend, CpuBackend, CudaBackend, DecodePlan, DeviceRequest, PlanTarget, Runner,
 };
 use reformer::chart::{loglog_svg, Axes, Series};
+use reformer::generate::argmax_byte;
 use reformer::{checkpoint, cli, ModelConfig, ReformerLm, StepContext};
 use reformer_engine::MemoryPool;
 
@@ -125,16 +126,6 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-fn greedy(logits: &[f32]) -> u8 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u8
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -207,7 +198,10 @@ fn bench<B: Backend>(
         let mut logits = model.prefill(&mut st, &text)?;
         model.backend().synchronize()?;
         row.prefill_s = t.elapsed().as_secs_f64();
-        if want.as_ref().is_some_and(|w| greedy(&logits) != greedy(w)) {
+        if want
+            .as_ref()
+            .is_some_and(|w| argmax_byte(&logits) != argmax_byte(w))
+        {
             cli::errln(format_args!(
                 "note: at context {context} the prefill's greedy byte differs from the full \
                  forward's (their rotations differ where the bucket count follows the length)"
@@ -215,7 +209,7 @@ fn bench<B: Backend>(
         }
         let (mut times, t_all) = (Vec::with_capacity(args.new), Instant::now());
         for _ in 1..args.new {
-            let b = greedy(&logits);
+            let b = argmax_byte(&logits);
             let t = Instant::now();
             logits = model.decode(&mut st, &[b])?;
             times.push(t.elapsed().as_secs_f64());
@@ -233,7 +227,7 @@ fn bench<B: Backend>(
             let t = Instant::now();
             for _ in 0..args.no_cache_new {
                 let l = model.next_logits(&t_text, &ctx)?;
-                t_text.push(greedy(&l));
+                t_text.push(argmax_byte(&l));
             }
             model.backend().synchronize()?;
             row.no_cache = Some((args.no_cache_new, t.elapsed().as_secs_f64()));
@@ -286,7 +280,7 @@ fn agreement<B: Backend>(
     let mut text = prompt.to_vec();
     let mut picks = Vec::with_capacity(n);
     for _ in 0..n {
-        let b = greedy(&model.next_logits(&text, &ctx)?);
+        let b = argmax_byte(&model.next_logits(&text, &ctx)?);
         picks.push(b);
         text.push(b);
     }
@@ -294,7 +288,7 @@ fn agreement<B: Backend>(
     let mut logits = model.prefill(&mut st, prompt)?;
     let mut same = 0;
     for (i, &b) in picks.iter().enumerate() {
-        same += usize::from(greedy(&logits) == b);
+        same += usize::from(argmax_byte(&logits) == b);
         if i + 1 < n {
             logits = model.decode(&mut st, &[b])?;
         }

@@ -49,6 +49,17 @@ impl Default for SampleOptions {
     }
 }
 
+/// The byte of the largest logit (the first of equal ones): greedy decoding.
+pub fn argmax_byte(logits: &[f32]) -> u8 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u8
+}
+
 /// Picks one byte from `logits` (256 entries).
 pub fn sample_byte(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> Result<u8> {
     if logits.len() != 256 {

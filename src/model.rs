@@ -786,7 +786,12 @@ impl<B: Backend> ReformerLm<B> {
             for (p0, rows) in blocks(n, chunk) {
                 self.head_forward(&mut hs, &y1, &y2, s * seqs.len + p0, rows)?;
                 let logits = self.backend.download(&hs.logits)?;
-                preds.extend(logits.chunks(VOCAB).take(rows).map(argmax));
+                preds.extend(
+                    logits
+                        .chunks(VOCAB)
+                        .take(rows)
+                        .map(crate::generate::argmax_byte),
+                );
             }
             out.push(preds);
         }
@@ -890,17 +895,6 @@ fn counted(lens: &[usize], loss_from: usize) -> Result<Vec<usize>> {
         )));
     }
     Ok(counts)
-}
-
-/// The index of the largest value (the first of equal ones) as a byte.
-fn argmax(row: &[f32]) -> u8 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u8
 }
 
 impl<B: Backend> HeadRows<B> {

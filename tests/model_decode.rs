@@ -9,6 +9,7 @@ mod reference;
 
 use model_common::{assert_tensor_close, tokens};
 use reference::RefModel;
+use reformer::generate::argmax_byte;
 use reformer::{
     Attention, CpuBackend, DecodeState, ModelConfig, ReformerError, ReformerLm, StepContext,
 };
@@ -290,14 +291,14 @@ fn greedy_decoding_agrees_with_the_no_cache_method() {
     let mut no_cache = Vec::new();
     for _ in 0..200 {
         let l = m.next_logits(&forced, &StepContext::eval(0)).unwrap();
-        no_cache.push(argmax(&l));
+        no_cache.push(argmax_byte(&l));
         forced.push(*no_cache.last().unwrap());
     }
     let mut st = m.start_decoding(forced.len()).unwrap();
     let mut logits = m.prefill(&mut st, prompt).unwrap();
     let mut same = 0;
     for (i, &b) in no_cache.iter().enumerate() {
-        same += usize::from(argmax(&logits) == b);
+        same += usize::from(argmax_byte(&logits) == b);
         if i + 1 < no_cache.len() {
             logits = m.decode(&mut st, &[b]).unwrap();
         }
@@ -318,10 +319,6 @@ fn greedy_decoding_agrees_with_the_no_cache_method() {
         "the model is not trained enough to tell"
     );
     assert!(rate >= 0.8, "{same} of 200 greedy bytes agree");
-}
-
-fn argmax(l: &[f32]) -> u8 {
-    (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u8
 }
 
 /// bf16 caches and queries (the GPU's storage, rounded where it rounds) against f32: the
